@@ -1,0 +1,91 @@
+// The command line: builds the commander program from one module per command, and maps the forms
+// nbd-client users type (`-d DEV`, `-c DEV`, `-l HOST`, `-name x`, `HOST PORT DEV`) onto it.
+
+import { Command, CommanderError } from 'commander';
+import { ExitCode, NbdError, exitCodeOf } from './errors.ts';
+import * as listCommand from './commands/list.ts';
+import * as infoCommand from './commands/info.ts';
+
+/** Command modules, each `register(program)`. Order is the order of `--help`. */
+const COMMANDS: { register(program: Command): void }[] = [listCommand, infoCommand];
+
+/** Top-level nbd-client switches that select a command, with the command they select. */
+const COMPAT_COMMANDS: Record<string, string> = {
+  '-d': 'detach',
+  '--disconnect': 'detach',
+  '-disconnect': 'detach',
+  '-c': 'check',
+  '--check': 'check',
+  '-check': 'check',
+  '-l': 'list',
+  '--list': 'list',
+  '-list': 'list',
+};
+
+/** nbd-client accepts single-dash long options (`-name x`, `-timeout 30`); commander wants `--`. */
+const SINGLE_DASH_LONG = new Set([
+  'name', 'block-size', 'size', 'timeout', 'dead-timeout', 'connections', 'persist', 'swap', 'readonly',
+  'no-optgo', 'nonetlink', 'identifier', 'nofork', 'unix', 'systemd-mark', 'preinit',
+]);
+/** Long names nbd-client uses that we call differently. */
+const RENAMED: Record<string, string> = { '--readonly': '--read-only', '--nonetlink': '--ioctl', '--nofork': '--foreground' };
+
+/** Pure: rewrite argv (without node and script) into the canonical `nbd-attach COMMAND …` form. */
+export function normalizeArgv(args: readonly string[], commandNames: readonly string[]): string[] {
+  let out = args.map((a) => {
+    const m = /^-([a-z][a-z-]+)(=.*)?$/.exec(a);
+    let b = m && SINGLE_DASH_LONG.has(m[1]!) ? `--${m[1]}${m[2] ?? ''}` : a;
+    const eq = b.indexOf('=');
+    const flag = eq > 0 ? b.slice(0, eq) : b;
+    if (RENAMED[flag]) b = RENAMED[flag] + (eq > 0 ? b.slice(eq) : '');
+    return b;
+  });
+  const first = out[0];
+  if (first !== undefined && commandNames.includes(first)) return out;
+  // `-d DEV`, `-c DEV`, `-l HOST` anywhere select their command, as with nbd-client.
+  const compat = out.findIndex((a) => a in COMPAT_COMMANDS);
+  if (compat >= 0) {
+    const command = COMPAT_COMMANDS[out[compat]!]!;
+    out = [command, ...out.slice(0, compat), ...out.slice(compat + 1)];
+    return out;
+  }
+  if (first === undefined || ['-h', '--help', '-V', '--version', 'help'].includes(first)) return out;
+  // Anything else is the main job: `nbd-attach HOST[:PORT] [PORT] [DEV]`.
+  return commandNames.includes('attach') ? ['attach', ...out] : out;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('nbd-attach')
+    .description('Attach a Network Block Device export to a Linux /dev/nbdN, and keep it attached.')
+    .version('0.1.0', '-V, --version')
+    .showHelpAfterError('(run with --help for usage)')
+    .configureOutput({ outputError: (str, write) => write(oneLine(str)) });
+  for (const c of COMMANDS) c.register(program);
+  return program;
+}
+
+function oneLine(str: string): string {
+  return str.replace(/^error: /, 'nbd-attach: ');
+}
+
+/** Print an error as one line and return the exit code for it. */
+export function reportError(err: unknown): number {
+  if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : ExitCode.USAGE;
+  const message = err instanceof NbdError ? err.message : err instanceof Error ? err.message : String(err);
+  process.stderr.write(`nbd-attach: ${message}\n`);
+  if (process.env.DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  return exitCodeOf(err);
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  for (const c of program.commands) c.exitOverride();
+  const names = program.commands.flatMap((c) => [c.name(), ...c.aliases()]);
+  try {
+    await program.parseAsync(normalizeArgv(argv, names), { from: 'user' });
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (err) {
+    return reportError(err);
+  }
+}

@@ -1,0 +1,84 @@
+// Option parsing shared by the commands that talk to a server (attach, list, info, …).
+
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { type Target, parseAddress } from '../address.ts';
+import { NbdError } from '../errors.ts';
+import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
+import { transmissionFlagNames } from '../protocol/constants.ts';
+import type { ExportInfo } from '../protocol/handshake.ts';
+
+export interface ServerOptions {
+  name?: string;
+  unix?: string;
+  connectTimeout: number;
+  noOptgo?: boolean;
+}
+
+/** Commander parser for a duration in seconds (integer or decimal); returns milliseconds. */
+export function seconds(text: string): number {
+  if (!/^\d+(\.\d+)?$/.test(text)) throw new InvalidArgumentError(`'${text}' is not a number of seconds`);
+  return Math.round(Number(text) * 1000);
+}
+
+/** -N, -u, --connect-timeout: how to reach the server and which export. */
+export function addServerOptions(cmd: Command, { name = true }: { name?: boolean } = {}): Command {
+  if (name) cmd.option('-N, --name <export>', "export name (default: the server's default export)");
+  return cmd
+    .option('-u, --unix <path>', 'connect to a unix-domain socket instead of TCP')
+    .addOption(
+      new Option('--connect-timeout <seconds>', 'give up connecting and negotiating after this long')
+        .argParser(seconds)
+        .default(DEFAULT_CONNECT_TIMEOUT_MS, '10'),
+    );
+}
+
+/**
+ * Where to connect and which export, from positionals and options. `host` may be HOST, HOST:PORT,
+ * [V6]:PORT or a URI; `port` is nbd-client's separate port argument; `-u PATH` replaces both.
+ */
+export function resolveTarget(host: string | undefined, port: string | undefined, opts: ServerOptions): { target: Target; exportName: string } {
+  let target: Target;
+  if (opts.unix !== undefined) {
+    if (host !== undefined) throw new NbdError('NBD_E_USAGE', `-u/--unix gives the server: drop '${host}'`);
+    target = { endpoint: { kind: 'unix', path: opts.unix }, tls: false };
+  } else {
+    if (host === undefined) throw new NbdError('NBD_E_USAGE', 'no server given: nbd-attach HOST[:PORT] …, an nbd:// URI, or -u SOCKET');
+    target = parseAddress(host, port);
+  }
+  if (opts.name !== undefined && target.exportName !== undefined && target.exportName !== opts.name) {
+    throw new NbdError('NBD_E_USAGE', `export named twice: '${target.exportName}' in the URI and '${opts.name}' with -N`);
+  }
+  return { target, exportName: opts.name ?? target.exportName ?? '' };
+}
+
+/** 1073741824 → "1 GiB"; exact bytes are printed alongside where it matters. */
+export function formatSize(bytes: bigint): string {
+  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let n = Number(bytes);
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return i === 0 ? `${bytes} bytes` : `${Number.isInteger(n) ? n : n.toFixed(1)} ${units[i]}`;
+}
+
+/** Flag names for people: "read-only, flush, fua, trim, multi-conn". */
+export function formatFlags(flags: number): string {
+  const names = transmissionFlagNames(flags).map((f) => f.toLowerCase().replace(/^send_/, '').replace(/_/g, '-'));
+  return names.length ? names.join(', ') : 'none';
+}
+
+/** An export as plain JSON (sizes as numbers when exact, strings otherwise). */
+export function exportJson(info: ExportInfo): Record<string, unknown> {
+  const size = info.size <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(info.size) : info.size.toString();
+  return {
+    name: info.name,
+    ...(info.canonicalName !== undefined ? { canonicalName: info.canonicalName } : {}),
+    ...(info.description !== undefined ? { description: info.description } : {}),
+    size,
+    flags: info.flags,
+    flagNames: transmissionFlagNames(info.flags).map((f) => f.toLowerCase()),
+    ...(info.blockSize ? { blockSize: info.blockSize } : {}),
+  };
+}

@@ -1,0 +1,52 @@
+// `nbd-attach list HOST [PORT]` (also `-l HOST`): the exports a server offers, with details.
+
+import type { Command } from 'commander';
+import { describeEndpoint } from '../address.ts';
+import { listExports } from '../client/negotiate.ts';
+import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
+
+export function register(program: Command): void {
+  addServerOptions(program.command('list').alias('ls'), { name: false })
+    .description('list the exports of a server, with size, flags and block sizes (nbd-client -l)')
+    .argument('[host]', 'HOST, HOST:PORT, [IPv6]:PORT or nbd:// URI')
+    .argument('[port]', 'port, when given separately (default 10809)')
+    .option('--json', 'print JSON for scripts')
+    .option('--no-details', 'names only: do not ask NBD_OPT_INFO for each export')
+    .action(async (host: string | undefined, port: string | undefined, opts: ServerOptions & { json?: boolean; details: boolean }) => {
+      const { target } = resolveTarget(host, port, opts);
+      const r = await listExports(target, { timeoutMs: opts.connectTimeout, details: opts.details });
+      const exports = r.exports ?? [];
+      if (opts.json) {
+        const out = {
+          server: describeEndpoint(target.endpoint),
+          handshake: r.style,
+          ...(r.note ? { note: r.note } : {}),
+          exports: exports.map((e) => ({
+            name: e.name,
+            description: e.description,
+            ...(e.info ? exportJson(e.info) : {}),
+            ...(e.infoError ? { error: e.infoError } : {}),
+          })),
+        };
+        process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+        return;
+      }
+      if (r.note) process.stderr.write(`nbd-attach: note: ${r.note}\n`);
+      if (exports.length === 0) {
+        process.stdout.write(`${describeEndpoint(target.endpoint)} lists no exports\n`);
+        return;
+      }
+      for (const e of exports) {
+        const name = e.name === '' ? '(default)' : e.name;
+        const parts = [name];
+        if (e.info) {
+          parts.push(formatSize(e.info.size), formatFlags(e.info.flags));
+          if (e.info.blockSize) parts.push(`block ${e.info.blockSize.min}/${e.info.blockSize.preferred}/${e.info.blockSize.max}`);
+        }
+        if (e.infoError) parts.push(`(${e.infoError})`);
+        const description = e.description || e.info?.description;
+        if (description) parts.push(`- ${description}`);
+        process.stdout.write(`${parts.join('\t')}\n`);
+      }
+    });
+}
