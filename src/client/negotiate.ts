@@ -219,9 +219,24 @@ async function query(target: Target, goal: HandshakeGoal, timeoutMs: number | un
   return result;
 }
 
+/** Most exports `list` re-queries one by one when the server's NBD_OPT_INFO answers said size 0. */
+const MAX_REQUERIES = 64;
+
 /** `nbd-attach list`: every export with its details where the server gives them. */
-export function listExports(target: Target, opts: { timeoutMs?: number; details?: boolean } = {}): Promise<HandshakeResult> {
-  return query(target, { kind: 'list', details: opts.details ?? true }, opts.timeoutMs);
+export async function listExports(target: Target, opts: { timeoutMs?: number; details?: boolean } = {}): Promise<HandshakeResult> {
+  const result = await query(target, { kind: 'list', details: opts.details ?? true }, opts.timeoutMs);
+  // Exports whose NBD_OPT_INFO answer said size 0 (nbd-server 3.24 does so for every export): ask each
+  // again with `info`, which confirms with NBD_OPT_GO on its own connection (see ClientHandshake.infoDone).
+  const invalid = (result.exports ?? []).filter((e) => e.info?.size === 0n).slice(0, MAX_REQUERIES);
+  for (const e of invalid) {
+    try {
+      e.info = (await exportInfo(target, e.name, opts)).info!;
+    } catch (err) {
+      delete e.info;
+      e.infoError = err instanceof Error ? err.message : String(err);
+    }
+  }
+  return result;
 }
 
 /** `nbd-attach info`: one export's size, flags and block sizes, without entering transmission where possible. */

@@ -49,7 +49,7 @@ export function encodeOldstyleGreeting(size: bigint, flags: number): Buffer {
   b.writeBigUInt64BE(NBDMAGIC, 0);
   b.writeBigUInt64BE(CLISERV_MAGIC, 8);
   b.writeBigUInt64BE(size, 16);
-  b.writeUInt32BE(flags, 24);
+  b.writeUInt32BE(flags >>> 0, 24);
   return b;
 }
 

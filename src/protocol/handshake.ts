@@ -377,12 +377,20 @@ export class ClientHandshake {
   private infoDone(opt: number): Step {
     const info = this.collectInfo();
     if (opt === Opt.GO) {
-      return this.finish({ goal: 'go', style: this.style, via: 'NBD_OPT_GO', info, transmission: true });
+      const r: HandshakeResult = { goal: this.goal.kind, style: this.style, via: 'NBD_OPT_GO', info, transmission: true };
+      if (this.note) r.note = this.note;
+      return this.finish(r);
     }
     if (this.goal.kind === 'list') {
       const entry = this.listed[this.infoIndex]!;
       entry.info = info;
       return this.nextInfoQuery();
+    }
+    if (info.size === 0n) {
+      // nbd-server 3.24 answers NBD_OPT_INFO with size 0 (it does not open the export for INFO), while
+      // NBD_OPT_GO gives the real size. An empty export is rare enough that asking GO to confirm is cheap.
+      this.note = "server's NBD_OPT_INFO answer said size 0: size confirmed with NBD_OPT_GO";
+      return this.option(Opt.GO, this.pending.name);
     }
     return this.abort({ goal: 'info', style: this.style, via: 'NBD_OPT_INFO', info, transmission: false });
   }
