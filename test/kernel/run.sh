@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Host-side entry point for the real-kernel tests: boots the test VM once (test/vm/run.sh) and
+# runs every test/kernel/*.test.ts in it, one file at a time, as root.
+#   test/kernel/run.sh [--timeout SECONDS] [--mem MB] [TEST_FILE...]
+# Exits with the test runner's status; 124 when the VM timed out, 125 when it broke.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+VM_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --timeout|--mem) VM_ARGS+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+    --timeout=*|--mem=*) VM_ARGS+=("$1"); shift ;;
+    *) break ;;
+  esac
+done
+if [ $# -gt 0 ]; then FILES=("$@"); else FILES=(test/kernel/*.test.ts); fi
+[ -e "${FILES[0]}" ] || { echo "kernel tests: no test files found" >&2; exit 1; }
+
+# In the guest HOME and TMPDIR are the tmpfs /tmp, so tsx's cache and Node's compile cache
+# stay writable while the checkout is read-only.
+exec test/vm/run.sh "${VM_ARGS[@]}" -- \
+  node --import tsx --test --test-concurrency=1 "${FILES[@]}"
