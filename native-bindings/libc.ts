@@ -1,0 +1,201 @@
+// Typed wrappers over the few libc calls nbd-attach needs, through koffi (the only FFI in the project).
+//
+// koffi is loaded lazily on first use: importing it costs ~1 s in an emulated guest, and commands that
+// never touch the kernel (list, info) must not pay for it. Every wrapper turns a -1 return into a
+// SyscallError naming the call and the errno: "ioctl(NBD_SET_SOCK) failed: EBUSY (Device or resource busy)".
+//
+// `ioctl` is declared with a fixed three-argument prototype (int, unsigned long, void *): koffi cannot
+// call variadic functions asynchronously, and the kernel ABI passes the third argument in a register
+// either way. Integer arguments go through as BigInt (koffi 3 pointers are BigInt), buffers as pointers.
+
+import { createRequire } from 'node:module';
+import type * as KoffiNs from 'koffi';
+
+type Koffi = typeof KoffiNs;
+type Fn = (...args: unknown[]) => unknown;
+
+export class SyscallError extends Error {
+  readonly errno: number;
+  /** Symbolic name, e.g. "EBUSY". */
+  readonly code: string;
+  readonly syscall: string;
+  constructor(syscall: string, errno: number) {
+    const name = errnoName(errno);
+    super(`${syscall} failed: ${name} (${strerror(errno)})`);
+    this.name = 'SyscallError';
+    this.errno = errno;
+    this.code = name;
+    this.syscall = syscall;
+  }
+}
+
+interface Bindings {
+  koffi: Koffi;
+  socket: Fn;
+  bind: Fn;
+  sendto: Fn;
+  recv: Fn;
+  close: Fn;
+  dup: Fn;
+  ioctl: Fn;
+  ioctlAsync: Fn;
+  setsockopt: Fn;
+  getsockopt: Fn;
+  mknod: Fn;
+  sigfillset: Fn;
+  pthread_sigmask: Fn;
+  gettid: Fn;
+  getpagesize: Fn;
+  strerror: Fn;
+  errnoNames: Map<number, string>;
+}
+
+let bindings: Bindings | undefined;
+
+/** Load koffi and bind libc. Idempotent; throws if koffi or libc.so.6 is unavailable. */
+function lib(): Bindings {
+  if (bindings) return bindings;
+  const koffi = createRequire(import.meta.url)('koffi') as Koffi;
+  const libc = koffi.load('libc.so.6');
+  const f = (proto: string): Fn => libc.func(proto) as unknown as Fn;
+  const ioctl = f('int ioctl(int fd, unsigned long request, void *arg)');
+  const errnoNames = new Map<number, string>();
+  for (const [name, value] of Object.entries(koffi.os.errno as Record<string, number>)) {
+    // Prefer the canonical name when two share a number (EAGAIN/EWOULDBLOCK, EDEADLK/EDEADLOCK, ENOTSUP/EOPNOTSUPP).
+    if (!errnoNames.has(value) || ['EAGAIN', 'EDEADLK', 'EOPNOTSUPP'].includes(name)) errnoNames.set(value, name);
+  }
+  bindings = {
+    koffi,
+    socket: f('int socket(int domain, int type, int protocol)'),
+    bind: f('int bind(int fd, const void *addr, uint32_t addrlen)'),
+    sendto: f('intptr_t sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32_t addrlen)'),
+    recv: f('intptr_t recv(int fd, _Out_ void *buf, size_t len, int flags)'),
+    close: f('int close(int fd)'),
+    dup: f('int dup(int fd)'),
+    ioctl,
+    ioctlAsync: (ioctl as unknown as { async: Fn }).async,
+    setsockopt: f('int setsockopt(int fd, int level, int optname, const void *optval, uint32_t optlen)'),
+    getsockopt: f('int getsockopt(int fd, int level, int optname, _Out_ void *optval, _Inout_ uint32_t *optlen)'),
+    mknod: f('int mknod(const char *path, uint32_t mode, uint64_t dev)'),
+    sigfillset: f('int sigfillset(_Out_ void *set)'),
+    pthread_sigmask: f('int pthread_sigmask(int how, const void *set, _Out_ void *oldset)'),
+    gettid: f('int gettid()'),
+    getpagesize: f('int getpagesize()'),
+    strerror: f('const char *strerror(int errnum)'),
+    errnoNames,
+  };
+  return bindings;
+}
+
+/** True once koffi has been loaded in this thread (for tests proving `list`/`info` never load it). */
+export function isLoaded(): boolean {
+  return bindings !== undefined;
+}
+
+export function errnoName(errno: number): string {
+  return lib().errnoNames.get(errno) ?? `errno ${errno}`;
+}
+export function strerror(errno: number): string {
+  return String(lib().strerror(errno));
+}
+
+function check(ret: unknown, what: string): number {
+  const n = typeof ret === 'bigint' ? Number(ret) : (ret as number);
+  if (n === -1) throw new SyscallError(what, lib().koffi.errno());
+  return n;
+}
+
+export function socket(domain: number, type: number, protocol: number): number {
+  return check(lib().socket(domain, type, protocol), 'socket');
+}
+export function bind(fd: number, addr: Uint8Array): void {
+  check(lib().bind(fd, addr, addr.length), 'bind');
+}
+export function sendto(fd: number, buf: Uint8Array, flags: number, addr: Uint8Array | null): number {
+  return check(lib().sendto(fd, buf, buf.length, flags, addr, addr ? addr.length : 0), 'sendto');
+}
+/** recv into `buf`; returns the byte count (with MSG_TRUNC: the real datagram length). */
+export function recv(fd: number, buf: Uint8Array, flags: number): number {
+  return check(lib().recv(fd, buf, buf.length, flags), 'recv');
+}
+/** recv that returns null instead of throwing on EAGAIN (non-blocking sockets). */
+export function recvNonblocking(fd: number, buf: Uint8Array, flags: number): number | null {
+  const b = lib();
+  const n = Number(b.recv(fd, buf, buf.length, flags));
+  if (n >= 0) return n;
+  const e = b.koffi.errno();
+  if (e === b.koffi.os.errno.EAGAIN || e === b.koffi.os.errno.EINTR) return null;
+  throw new SyscallError('recv', e);
+}
+export function close(fd: number): void {
+  check(lib().close(fd), 'close');
+}
+export function dup(fd: number): number {
+  return check(lib().dup(fd), 'dup');
+}
+
+/** ioctl with an integer (or no) argument. `name` is used in error messages: "ioctl(NBD_SET_SOCK)". */
+export function ioctl(fd: number, request: number, arg: number | bigint | Uint8Array = 0, name = `0x${request.toString(16)}`): number {
+  const a = arg instanceof Uint8Array ? arg : BigInt(arg);
+  return check(lib().ioctl(fd, request, a), `ioctl(${name})`);
+}
+/** The same ioctl on a libuv pool thread. Resolves with the return value; rejects with SyscallError. */
+export function ioctlAsync(fd: number, request: number, arg: number | bigint = 0, name = `0x${request.toString(16)}`): Promise<number> {
+  const b = lib();
+  return new Promise((resolve, reject) => {
+    b.ioctlAsync(fd, request, BigInt(arg), (err: unknown, ret: number) => {
+      if (err) reject(err);
+      else if (ret === -1) reject(new SyscallError(`ioctl(${name})`, b.koffi.errno()));
+      else resolve(ret);
+    });
+  });
+}
+
+export function setsockopt(fd: number, level: number, optname: number, value: Uint8Array, name = `${level}/${optname}`): void {
+  check(lib().setsockopt(fd, level, optname, value, value.length), `setsockopt(${name})`);
+}
+export function setsockoptInt(fd: number, level: number, optname: number, value: number, name?: string): void {
+  const b = Buffer.alloc(4);
+  b.writeInt32LE(value); // host order; all supported targets are little-endian (x86_64, aarch64)
+  setsockopt(fd, level, optname, b, name);
+}
+export function getsockoptInt(fd: number, level: number, optname: number, name = `${level}/${optname}`): number {
+  const b = Buffer.alloc(4);
+  const len = [4];
+  check(lib().getsockopt(fd, level, optname, b, len), `getsockopt(${name})`);
+  return b.readInt32LE(0);
+}
+
+/** mknod(2): `dev` is a glibc dev_t (see makedev in src/kernel/device.ts). */
+export function mknod(path: string, mode: number, dev: bigint): void {
+  check(lib().mknod(path, mode, dev), `mknod(${path})`);
+}
+
+/** Block every signal in the calling thread (pthread_sigmask(SIG_BLOCK, full set)). */
+export function blockAllSignalsInThisThread(): void {
+  const b = lib();
+  const set = Buffer.alloc(128); // sizeof(sigset_t) in glibc = 1024 bits
+  check(b.sigfillset(set), 'sigfillset');
+  const rc = b.pthread_sigmask(0 /* SIG_BLOCK, asm-generic/signal-defs.h */, set, Buffer.alloc(128)) as number;
+  if (rc !== 0) throw new SyscallError('pthread_sigmask', rc); // returns the error number, not -1
+}
+
+export function gettid(): number {
+  return lib().gettid() as number;
+}
+export function getpagesize(): number {
+  return lib().getpagesize() as number;
+}
+
+/** Watch an fd for readability on the event loop (libuv uv_poll via koffi). */
+export interface FdWatcher {
+  close(): void;
+  unref(): void;
+  ref(): void;
+}
+export function watchReadable(fd: number, onReadable: () => void): FdWatcher {
+  const h = lib().koffi.node.poll(fd, { readable: true }, (ev) => {
+    if (ev.readable || ev.disconnect) onReadable();
+  });
+  return { close: () => h.close(), unref: () => h.unref(), ref: () => h.ref() };
+}
