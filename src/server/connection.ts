@@ -1,0 +1,380 @@
+// One client connection of the built-in server: the socket edge around the pure handshake
+// (handshake.ts) and request framing (requests.ts).
+//
+// Transmission: requests are dispatched as soon as they are framed and run concurrently; each reply
+// is written when its request completes (completion order, proto.md "Transmission"). Memory per
+// connection is bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes are held
+// (counted until the reply has left the socket); past either bound the socket is paused and framing
+// stops until replies drain. A protocol violation (bad request magic) closes this connection only.
+
+import type { Duplex } from 'node:stream';
+import createDebug from 'debug';
+import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
+import { encodeSimpleReply, type Request } from '../protocol/codec.ts';
+import { BufferPool } from './buffer-pool.ts';
+import { isReadOnly, type ServedExport } from './export.ts';
+import { ServerHandshake } from './handshake.ts';
+import { RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
+import { encodeErrorChunk, encodeNone, encodeOffsetDataHeader } from './structured.ts';
+
+const log = createDebug('nbd:server');
+
+/** Shared by all connections of the process: idle payload buffers for reuse (bounded). */
+const sharedPool = new BufferPool();
+
+export interface ConnectionOptions {
+  /** Requests executing or waiting for their reply to be written (default 64). */
+  maxInFlight?: number;
+  /** Payload bytes (READ data, WRITE data) held by in-flight requests (default 64 MiB). */
+  maxInFlightBytes?: number;
+  /** Largest READ/WRITE accepted (default and advertised: 32 MiB, proto.md "Size constraints"). */
+  maxPayload?: number;
+  /** How long a shutdown waits for in-flight requests and idle handshakes before closing (default 5 s). */
+  shutdownGraceMs?: number;
+  /** Where payload buffers come from (default: one pool shared by the process). */
+  pool?: BufferPool;
+}
+
+export type ConnectionPhase = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+export interface ServedConnection {
+  readonly phase: ConnectionPhase;
+  /** Export chosen by the client, once in transmission. */
+  readonly exportName: string | undefined;
+  /** Why the connection ended (set when closed). */
+  readonly closeReason: string | undefined;
+  /** Resolves when the socket has closed. Never rejects. */
+  readonly done: Promise<void>;
+  /** Finish in-flight requests (later ones get ESHUTDOWN), flush, close. Resolves when closed. */
+  shutdown(): Promise<void>;
+}
+
+/** Serve one already-connected stream (TCP, Unix, or one end of a socketpair). */
+export function serveConnection(socket: Duplex, exports: readonly ServedExport[], opts: ConnectionOptions = {}): ServedConnection {
+  return new Connection(socket, exports, opts);
+}
+
+class Connection implements ServedConnection {
+  phase: ConnectionPhase = 'handshake';
+  exportName: string | undefined;
+  closeReason: string | undefined;
+  readonly done: Promise<void>;
+
+  private readonly maxInFlight: number;
+  private readonly maxInFlightBytes: number;
+  private readonly maxPayload: number;
+  private readonly graceMs: number;
+  private readonly hs: ServerHandshake;
+  private readonly pool: BufferPool;
+  private reader: RequestReader | undefined;
+  private exp: ServedExport | undefined;
+  private limits: ExportLimits | undefined;
+  private structured = false;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private stopReading = false; // DISC received, peer ended, or protocol violation
+  private shuttingDown = false;
+  private finishing = false;
+  private graceTimer: NodeJS.Timeout | undefined;
+  private resolveDone!: () => void;
+
+  constructor(
+    private readonly socket: Duplex,
+    private readonly exports: readonly ServedExport[],
+    opts: ConnectionOptions,
+  ) {
+    this.maxInFlight = opts.maxInFlight ?? 64;
+    this.maxInFlightBytes = opts.maxInFlightBytes ?? 64 * 1024 * 1024;
+    this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    this.graceMs = opts.shutdownGraceMs ?? 5000;
+    this.hs = new ServerHandshake(exports);
+    this.pool = opts.pool ?? sharedPool;
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+
+    const s = socket as Duplex & { setNoDelay?: (v: boolean) => void };
+    s.setNoDelay?.(true); // proto.md "Protocol phases": both sides SHOULD disable Nagle
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('end', () => this.onPeerEnd());
+    socket.on('error', (err) => {
+      log('connection error: %s', err.message);
+      this.closeReason ??= err.message;
+    });
+    socket.on('close', () => this.onClose());
+    this.send([this.hs.greeting()]);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Input
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'handshake') {
+      const step = this.hs.push(chunk);
+      this.send(step.send);
+      if (step.close) {
+        log('handshake ended: %s', step.close.reason);
+        this.closeReason = step.close.reason;
+        this.phase = 'closing';
+        this.endSocket();
+        return;
+      }
+      if (step.negotiated) {
+        const n = step.negotiated;
+        this.exp = n.export;
+        this.exportName = n.export.name;
+        this.structured = n.structured;
+        this.limits = {
+          size: n.export.backend.size,
+          readOnly: isReadOnly(n.export),
+          structured: n.structured,
+          maxPayload: this.maxPayload,
+        };
+        this.reader = new RequestReader(this.maxPayload, (n) => this.pool.take(n));
+        this.phase = 'transmission';
+        log('transmission: export %j structured=%s', n.export.name, n.structured);
+        if (this.shuttingDown) this.beginTransmissionShutdown();
+        if (n.leftover.length > 0) this.reader.push(n.leftover);
+        this.pump();
+      }
+      return;
+    }
+    if (this.phase === 'transmission' && this.reader && !this.stopReading) {
+      this.reader.push(chunk);
+      this.pump();
+    }
+  }
+
+  /** Frame and dispatch requests while within bounds. */
+  private pump(): void {
+    const reader = this.reader;
+    if (!reader) return;
+    while (!this.stopReading) {
+      if (this.inFlight >= this.maxInFlight || this.inFlightBytes >= this.maxInFlightBytes) {
+        this.pause();
+        return;
+      }
+      let item: Incoming | null;
+      try {
+        item = reader.next();
+      } catch (err) {
+        this.protocolViolation((err as Error).message);
+        return;
+      }
+      if (!item) break;
+      this.dispatch(item);
+    }
+    // Framing caught up: let more bytes in, but never hold more than one partial WRITE payload.
+    if (!this.stopReading) this.resume();
+  }
+
+  private pause(): void {
+    if (!this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private resume(): void {
+    if (this.paused) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  private onPeerEnd(): void {
+    // The client closed its side: what is in flight still completes (and is answered if the
+    // socket still allows it); nothing more will arrive.
+    this.stopReading = true;
+    this.maybeFinish();
+  }
+
+  private protocolViolation(reason: string): void {
+    log('protocol violation, closing connection: %s', reason);
+    this.closeReason = `protocol violation: ${reason}`;
+    this.stopReading = true;
+    this.phase = 'closing';
+    this.socket.destroy();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Requests
+
+  private dispatch(item: Incoming): void {
+    const { req } = item;
+    const lim = this.limits!;
+    if (item.kind === 'request' && req.type === Cmd.DISC) {
+      // proto.md "NBD_CMD_DISC": handle outstanding requests, then close. No reply.
+      log('NBD_CMD_DISC');
+      this.closeReason ??= 'client sent NBD_CMD_DISC';
+      this.stopReading = true;
+      this.pause();
+      this.maybeFinish();
+      return;
+    }
+    let verdict = item.kind === 'discarded-write' ? discardedWriteVerdict(req, lim) : checkRequest(req, lim);
+    if (verdict.error === 0 && this.shuttingDown) {
+      verdict = { error: WireErr.ESHUTDOWN, message: 'server is shutting down' };
+    }
+    const payload = item.kind === 'request' ? item.payload : undefined;
+    const cost = (payload?.length ?? 0) + (req.type === Cmd.READ && verdict.error === 0 ? req.length : 0);
+    this.inFlight++;
+    this.inFlightBytes += cost;
+    const release = (): void => {
+      this.inFlight--;
+      this.inFlightBytes -= cost;
+      if (this.paused && !this.stopReading) this.pump();
+      this.maybeFinish();
+    };
+    if (verdict.error !== 0) {
+      log('%s cookie %s: %s (%s)', cmdName(req.type), req.cookie, wireErrName(verdict.error), verdict.message);
+      this.replyError(req, verdict.error, verdict.message, release);
+      return;
+    }
+    this.execute(req, payload).then(
+      (data) => {
+        if (payload) this.pool.give(payload); // the backend is done with it
+        this.replyOk(req, data, () => {
+          if (data) this.pool.give(data); // the socket is done with it
+          release();
+        });
+      },
+      (err: unknown) => {
+        if (payload) this.pool.give(payload);
+        const code = wireErrorOf(err);
+        log('%s cookie %s failed: %s', cmdName(req.type), req.cookie, (err as Error)?.message);
+        this.replyError(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, release);
+      },
+    );
+  }
+
+  private async execute(req: Request, payload: Buffer | undefined): Promise<Buffer | undefined> {
+    const b = this.exp!.backend;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    const offset = Number(req.offset);
+    switch (req.type) {
+      case Cmd.READ: {
+        if (req.length === 0) return undefined;
+        const buf = this.pool.take(req.length);
+        try {
+          await b.read(offset, buf);
+        } catch (err) {
+          this.pool.give(buf);
+          throw err;
+        }
+        return buf;
+      }
+      case Cmd.WRITE:
+        if (payload && payload.length > 0) await b.write(offset, payload, fua);
+        return undefined;
+      case Cmd.WRITE_ZEROES:
+        if (req.length > 0) await b.writeZeroes(offset, req.length, fua);
+        return undefined;
+      case Cmd.TRIM:
+        if (req.length > 0) await b.trim(offset, req.length, fua);
+        return undefined;
+      case Cmd.FLUSH:
+        await b.flush();
+        return undefined;
+      case Cmd.CACHE:
+        return undefined; // a hint; the page cache does the rest
+      default:
+        throw new Error(`unexpected ${cmdName(req.type)}`);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Output
+
+  private replyOk(req: Request, data: Buffer | undefined, release: () => void): void {
+    if (req.type === Cmd.READ && this.structured) {
+      // One OFFSET_DATA chunk flagged DONE: the data is fully read before the header goes out, so no
+      // error can follow it (proto.md "NBD_CMD_READ" › structured replies). Empty reads get NONE.
+      const d = data ?? Buffer.alloc(0);
+      if (d.length === 0) this.send([encodeNone(req.cookie)], release);
+      else this.send([encodeOffsetDataHeader(req.cookie, req.offset, d.length, true), d], release);
+      return;
+    }
+    const header = encodeSimpleReply(0, req.cookie);
+    this.send(req.type === Cmd.READ && data && data.length > 0 ? [header, data] : [header], release);
+  }
+
+  private replyError(req: Request, error: number, message: string, release: () => void): void {
+    // Structured clients get the message too; READ MUST NOT get a simple reply once structured.
+    if (this.structured) this.send([encodeErrorChunk(req.cookie, error, message)], release);
+    else this.send([encodeSimpleReply(error, req.cookie)], release);
+  }
+
+  /** Write buffers back to back (one writev); `done` runs once they have left (or cannot). */
+  private send(bufs: Buffer[], done?: () => void): void {
+    if (bufs.length === 0 || this.socket.destroyed || !this.socket.writable) {
+      if (done) queueMicrotask(done);
+      return;
+    }
+    if (bufs.length > 1) this.socket.cork();
+    for (let i = 0; i < bufs.length; i++) {
+      const last = i === bufs.length - 1;
+      this.socket.write(bufs[i]!, last && done ? () => done() : undefined);
+    }
+    if (bufs.length > 1) this.socket.uncork();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Ending
+
+  shutdown(): Promise<void> {
+    if (this.phase === 'closed') return this.done;
+    if (!this.shuttingDown) {
+      this.shuttingDown = true;
+      this.graceTimer = setTimeout(() => {
+        log('shutdown grace period over, closing connection');
+        this.closeReason ??= 'server shut down';
+        this.socket.destroy();
+      }, this.graceMs);
+      this.graceTimer.unref();
+      if (this.phase === 'handshake') {
+        // Options from now on get NBD_REP_ERR_SHUTDOWN; an idle client is closed at once.
+        this.hs.beginShutdown();
+        this.closeReason ??= 'server shut down';
+        this.phase = 'closing';
+        this.endSocket();
+      } else if (this.phase === 'transmission') {
+        this.beginTransmissionShutdown();
+      }
+    }
+    return this.done;
+  }
+
+  private beginTransmissionShutdown(): void {
+    this.closeReason ??= 'server shut down';
+    this.maybeFinish();
+  }
+
+  /** Close once nothing is in flight and no more requests will be served. */
+  private maybeFinish(): void {
+    if (this.finishing || this.phase !== 'transmission') return;
+    if (!(this.stopReading || this.shuttingDown) || this.inFlight > 0) return;
+    this.finishing = true;
+    this.phase = 'closing';
+    this.stopReading = true;
+    const flush = this.shuttingDown && this.exp && !isReadOnly(this.exp) ? this.exp.backend.flush() : Promise.resolve();
+    flush
+      .catch((err: unknown) => log('flush on close failed: %s', (err as Error).message))
+      .finally(() => this.endSocket());
+  }
+
+  /** Half-close our side; a peer that never closes its side is cut off after the grace period. */
+  private endSocket(): void {
+    this.socket.end();
+    const t = setTimeout(() => this.socket.destroy(), this.graceMs);
+    t.unref();
+    this.socket.once('close', () => clearTimeout(t));
+  }
+
+  private onClose(): void {
+    if (this.graceTimer) clearTimeout(this.graceTimer);
+    this.phase = 'closed';
+    this.closeReason ??= 'client closed the connection';
+    log('connection closed: %s', this.closeReason);
+    this.resolveDone();
+  }
+}

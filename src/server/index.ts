@@ -1,0 +1,148 @@
+// Programmatic API of the built-in NBD server (`nbd-attach serve` and the tests use it).
+//
+//   const srv = await startServer({ exports: [await fileExport('/srv/disk.img')], port: 0 });
+//   … nbd://127.0.0.1:${srv.port}/disk.img …
+//   await srv.close();   // finish in-flight requests, flush, close
+//
+// `serveConnection(socket, exports, opts)` serves one already-connected stream (e.g. a socketpair).
+
+import { promises as fsp } from 'node:fs';
+import net from 'node:net';
+import { basename } from 'node:path';
+import createDebug from 'debug';
+import { NbdError } from '../errors.ts';
+import { DEFAULT_PORT } from '../protocol/constants.ts';
+import { MemoryBackend, openFileBackend } from './backends.ts';
+import { serveConnection, type ConnectionOptions, type ServedConnection } from './connection.ts';
+import type { Backend, ServedExport } from './export.ts';
+
+export { serveConnection, type ConnectionOptions, type ServedConnection } from './connection.ts';
+export type { Backend, ServedExport } from './export.ts';
+export { MemoryBackend, openFileBackend } from './backends.ts';
+export { parseSize, formatSize } from './size.ts';
+
+const log = createDebug('nbd:server');
+
+export interface ServerOptions {
+  exports: ServedExport[];
+  /** TCP port; 0 picks a free one. Default 10809 (proto.md "Introduction": IANA port). */
+  port?: number;
+  /** Address to bind; default 127.0.0.1 (loopback only). */
+  host?: string;
+  /** Listen on a Unix socket instead of TCP. */
+  unix?: string;
+  connection?: ConnectionOptions;
+  /** Close the exports' backends when the server closes (default true). */
+  closeBackends?: boolean;
+}
+
+export interface RunningServer {
+  /** "127.0.0.1:10809", "[::1]:10809" or the Unix socket path. */
+  readonly address: string;
+  readonly port: number | undefined;
+  readonly path: string | undefined;
+  readonly exports: readonly ServedExport[];
+  /** Connections currently open. */
+  readonly connections: ReadonlySet<ServedConnection>;
+  /** Stop accepting, finish in-flight requests, flush, close connections and backends. Idempotent. */
+  close(): Promise<void>;
+}
+
+function checkExports(exports: readonly ServedExport[]): void {
+  if (exports.length === 0) throw new NbdError('NBD_E_USAGE', 'serve: no exports; give a FILE or --memory SIZE');
+  const seen = new Set<string>();
+  for (const e of exports) {
+    if (Buffer.byteLength(e.name, 'utf8') > 4096) {
+      throw new NbdError('NBD_E_USAGE', `serve: export name longer than 4096 bytes (proto.md string limit)`);
+    }
+    if (seen.has(e.name)) throw new NbdError('NBD_E_USAGE', `serve: export name ${JSON.stringify(e.name)} used twice; give each a distinct --name`);
+    seen.add(e.name);
+  }
+}
+
+export async function startServer(opts: ServerOptions): Promise<RunningServer> {
+  checkExports(opts.exports);
+  const connections = new Set<ServedConnection>();
+  const server = net.createServer({ noDelay: true }, (socket) => {
+    const conn = serveConnection(socket, opts.exports, opts.connection);
+    connections.add(conn);
+    log('connection from %s', socket.remoteAddress ?? 'unix socket');
+    void conn.done.then(() => connections.delete(conn));
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
+      const where = opts.unix ?? `${opts.host ?? '127.0.0.1'}:${opts.port ?? DEFAULT_PORT}`;
+      if (err.code === 'EADDRINUSE' && opts.unix) reject(new NbdError('NBD_E_ADDRESS', `listen on ${where}: socket file exists; remove it if no server uses it, or pick another --unix path`));
+      else if (err.code === 'EADDRINUSE') reject(new NbdError('NBD_E_ADDRESS', `listen on ${where}: address already in use; pick another --port or stop the other server`));
+      else if (err.code === 'EACCES') reject(new NbdError('NBD_E_PERMISSION', `listen on ${where}: permission denied`));
+      else reject(new NbdError('NBD_E_ADDRESS', `listen on ${where}: ${err.message}`));
+    };
+    server.once('error', onError);
+    const ready = (): void => {
+      server.off('error', onError);
+      resolve();
+    };
+    if (opts.unix) server.listen(opts.unix, ready);
+    else server.listen(opts.port ?? DEFAULT_PORT, opts.host ?? '127.0.0.1', ready);
+  });
+  server.on('error', (err) => log('server error: %s', err.message));
+
+  const addr = server.address();
+  let address: string;
+  let port: number | undefined;
+  let path: string | undefined;
+  if (typeof addr === 'string') {
+    address = addr;
+    path = addr;
+  } else if (addr) {
+    port = addr.port;
+    address = addr.family === 'IPv6' ? `[${addr.address}]:${addr.port}` : `${addr.address}:${addr.port}`;
+  } else {
+    address = opts.unix ?? '';
+  }
+
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> =>
+    (closing ??= (async () => {
+      const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
+      await Promise.all([...connections].map((c) => c.shutdown()));
+      await stopped;
+      if (opts.closeBackends ?? true) {
+        const backends = new Set(opts.exports.map((e) => e.backend));
+        for (const b of backends) {
+          try {
+            if (!b.readOnly) await b.flush();
+            await b.close();
+          } catch (err) {
+            log('closing backend failed: %s', (err as Error).message);
+          }
+        }
+      }
+      if (path) await fsp.rm(path, { force: true }).catch(() => undefined);
+    })());
+
+  return { address, port, path, exports: opts.exports, connections, close };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Export builders
+
+export interface ExportOptions {
+  name?: string;
+  description?: string;
+  readOnly?: boolean;
+}
+
+export async function fileExport(file: string, opts: ExportOptions = {}): Promise<ServedExport> {
+  const backend = await openFileBackend(file, { readOnly: opts.readOnly ?? false });
+  return makeExport(backend, opts.name ?? basename(file), opts);
+}
+
+export function memoryExport(size: number, opts: ExportOptions = {}): ServedExport {
+  return makeExport(new MemoryBackend(size), opts.name ?? 'memory', opts);
+}
+
+export function makeExport(backend: Backend, name: string, opts: ExportOptions = {}): ServedExport {
+  return { name, description: opts.description ?? backend.description, backend, readOnly: opts.readOnly ?? false };
+}

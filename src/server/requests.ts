@@ -1,0 +1,174 @@
+// Transmission-phase input on the server: framing requests (and WRITE payloads) out of a byte
+// stream, and checking each request against the export before it reaches a backend. Pure.
+// proto.md "Request message", "Request types", "Error values", "Size constraints".
+
+import { Cmd, CmdFlag, REQUEST_LENGTH, WireErr, cmdName } from '../protocol/constants.ts';
+import { decodeRequest, type Request } from '../protocol/codec.ts';
+import { ByteQueue } from './byte-queue.ts';
+
+export type Incoming =
+  /** A request; WRITE carries its payload (a view into the received chunk when it fit in one). */
+  | { kind: 'request'; req: Request; payload?: Buffer }
+  /** A WRITE longer than the maximum payload: its data was read and discarded, answer EINVAL. */
+  | { kind: 'discarded-write'; req: Request };
+
+type ReaderState =
+  | { phase: 'header' }
+  | { phase: 'payload'; req: Request; buf: Buffer; filled: number }
+  | { phase: 'discard'; req: Request; remaining: number };
+
+export class RequestReader {
+  private readonly queue = new ByteQueue();
+  private st: ReaderState = { phase: 'header' };
+
+  constructor(
+    private readonly maxPayload: number,
+    /** Allocates payload buffers (a pool in the server; plain allocation by default). */
+    private readonly alloc: (n: number) => Buffer = (n) => Buffer.allocUnsafe(n),
+  ) {}
+
+  /** Bytes received but not yet handed out (excluding a payload being assembled). */
+  get buffered(): number {
+    return this.queue.length;
+  }
+
+  /** Bytes of a WRITE payload being assembled (allocated up front). */
+  get pendingPayload(): number {
+    return this.st.phase === 'payload' ? this.st.buf.length : 0;
+  }
+
+  push(chunk: Uint8Array): void {
+    this.queue.push(chunk);
+  }
+
+  /**
+   * The next complete request, or null if more bytes are needed.
+   * Throws NbdError('NBD_E_PROTOCOL') on a bad magic: the stream is out of step and must be closed.
+   */
+  next(): Incoming | null {
+    for (;;) {
+      const st = this.st;
+      switch (st.phase) {
+        case 'header': {
+          if (this.queue.length < REQUEST_LENGTH) return null;
+          const req = decodeRequest(this.queue.take(REQUEST_LENGTH));
+          if (req.type !== Cmd.WRITE || req.length === 0) return { kind: 'request', req };
+          if (req.length > this.maxPayload) {
+            this.st = { phase: 'discard', req, remaining: req.length };
+            continue;
+          }
+          if (this.queue.length >= req.length) {
+            // Whole payload already here: a view when it sits in one chunk, else one copy.
+            return { kind: 'request', req, payload: this.queue.take(req.length) };
+          }
+          this.st = { phase: 'payload', req, buf: this.alloc(req.length), filled: 0 };
+          continue;
+        }
+        case 'payload': {
+          st.filled += this.queue.copyInto(st.buf, st.filled, st.buf.length - st.filled);
+          if (st.filled < st.buf.length) return null;
+          this.st = { phase: 'header' };
+          return { kind: 'request', req: st.req, payload: st.buf };
+        }
+        case 'discard': {
+          st.remaining -= this.queue.skip(st.remaining);
+          if (st.remaining > 0) return null;
+          this.st = { phase: 'header' };
+          return { kind: 'discarded-write', req: st.req };
+        }
+      }
+    }
+  }
+}
+
+export interface ExportLimits {
+  size: number;
+  readOnly: boolean;
+  structured: boolean;
+  maxPayload: number;
+}
+
+export interface Verdict {
+  /** 0 when the request may be executed; otherwise the NBD error to answer with. */
+  error: number;
+  message: string;
+}
+
+const OK: Verdict = { error: 0, message: '' };
+
+/** Command flags each command accepts (proto.md "Command flags"); FUA is valid on every command. */
+function allowedFlags(type: number, structured: boolean): number {
+  switch (type) {
+    case Cmd.READ:
+      return CmdFlag.FUA | (structured ? CmdFlag.DF : 0);
+    case Cmd.WRITE_ZEROES:
+      // FAST_ZERO is rejected: NBD_FLAG_SEND_FAST_ZERO is not advertised (proto.md "NBD_CMD_WRITE_ZEROES").
+      return CmdFlag.FUA | CmdFlag.NO_HOLE;
+    default:
+      return CmdFlag.FUA;
+  }
+}
+
+/**
+ * Decide the NBD error for a request, before any I/O. Errors per proto.md "Error values": EPERM for
+ * writes on a read-only export, ENOSPC for writes past the end, EINVAL for reads/trims past the end,
+ * unknown commands and flags, and payloads over the maximum.
+ */
+export function checkRequest(req: Request, lim: ExportLimits): Verdict {
+  const name = cmdName(req.type);
+  const bad = (error: number, message: string): Verdict => ({ error, message: `${name}: ${message}` });
+  switch (req.type) {
+    case Cmd.READ:
+    case Cmd.WRITE:
+    case Cmd.TRIM:
+    case Cmd.WRITE_ZEROES:
+    case Cmd.CACHE:
+    case Cmd.FLUSH:
+      break;
+    default:
+      return bad(WireErr.EINVAL, 'unsupported command');
+  }
+  const extra = req.flags & ~allowedFlags(req.type, lim.structured);
+  if (extra) return bad(WireErr.EINVAL, `flags 0x${extra.toString(16)} not valid for this command`);
+  if (req.type === Cmd.FLUSH) return OK; // offset and length are reserved: ignored
+  const writes = req.type === Cmd.WRITE || req.type === Cmd.TRIM || req.type === Cmd.WRITE_ZEROES;
+  if (writes && lim.readOnly) return bad(WireErr.EPERM, 'export is read-only');
+  if ((req.type === Cmd.READ || req.type === Cmd.WRITE) && req.length > lim.maxPayload) {
+    // Structured replies may split a READ; we refuse instead (EOVERFLOW, proto.md "NBD_CMD_READ").
+    const err = req.type === Cmd.READ && lim.structured ? WireErr.EOVERFLOW : WireErr.EINVAL;
+    return bad(err, `length ${req.length} exceeds the maximum payload ${lim.maxPayload}`);
+  }
+  if (req.offset + BigInt(req.length) > BigInt(lim.size)) {
+    const err = req.type === Cmd.WRITE || req.type === Cmd.WRITE_ZEROES ? WireErr.ENOSPC : WireErr.EINVAL;
+    return bad(err, `offset ${req.offset} + length ${req.length} is beyond the export size ${lim.size}`);
+  }
+  return OK;
+}
+
+/** The error for a WRITE whose oversized payload was discarded. */
+export function discardedWriteVerdict(req: Request, lim: ExportLimits): Verdict {
+  if (lim.readOnly) return { error: WireErr.EPERM, message: 'NBD_CMD_WRITE: export is read-only' };
+  return {
+    error: WireErr.EINVAL,
+    message: `NBD_CMD_WRITE: length ${req.length} exceeds the maximum payload ${lim.maxPayload}`,
+  };
+}
+
+/** Map a backend failure (Node errno code) to an NBD error (proto.md "Error values"). */
+export function wireErrorOf(err: unknown): number {
+  const code = (err as { code?: unknown } | null)?.code;
+  switch (code) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+    case 'EFBIG':
+      return WireErr.ENOSPC;
+    case 'EROFS':
+    case 'EPERM':
+    case 'EACCES':
+      return WireErr.EPERM;
+    case 'ENOMEM':
+      return WireErr.ENOMEM;
+    default:
+      return WireErr.EIO;
+  }
+}

@@ -1,0 +1,176 @@
+// Backends (memory, file), size parsing, export planning for `serve`.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { NbdError } from '../../src/errors.ts';
+import { planExports } from '../../src/commands/serve.ts';
+import { MEMORY_CHUNK, MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
+import { findExport, transmissionFlags, type Backend, type ServedExport } from '../../src/server/export.ts';
+import { BufferPool } from '../../src/server/buffer-pool.ts';
+import { formatSize, parseSize } from '../../src/server/size.ts';
+import { TransmissionFlag } from '../../src/protocol/constants.ts';
+
+/** Read into a buffer pre-filled with 0xee, so holes that are not zero-filled show up. */
+async function rd(b: Backend, offset: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length, 0xee);
+  await b.read(offset, buf);
+  return buf;
+}
+
+describe('MemoryBackend', () => {
+  it('is sparse: 1 TiB costs nothing until written', async () => {
+    const m = new MemoryBackend(2 ** 40);
+    assert.equal(m.allocated, 0);
+    assert.deepEqual(await rd(m, 2 ** 40 - 4096, 4096), Buffer.alloc(4096));
+    assert.equal(m.allocated, 0);
+    await m.write(2 ** 39, Buffer.from('hi'), false);
+    assert.equal(m.allocated, MEMORY_CHUNK);
+  });
+
+  it('reads back writes that cross chunk boundaries', async () => {
+    const m = new MemoryBackend(4 * MEMORY_CHUNK);
+    const data = Buffer.alloc(2 * MEMORY_CHUNK + 100);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+    await m.write(MEMORY_CHUNK - 50, data, false);
+    assert.deepEqual(await rd(m, MEMORY_CHUNK - 50, data.length), data);
+    const around = await rd(m, MEMORY_CHUNK - 60, 20);
+    assert.deepEqual(around.subarray(0, 10), Buffer.alloc(10));
+    assert.deepEqual(around.subarray(10), data.subarray(0, 10));
+  });
+
+  it('write zeroes frees whole chunks and zeroes partial ones; trim reads back zeros', async () => {
+    const m = new MemoryBackend(4 * MEMORY_CHUNK);
+    await m.write(0, Buffer.alloc(4 * MEMORY_CHUNK, 0xff), false);
+    assert.equal(m.allocated, 4 * MEMORY_CHUNK);
+    await m.writeZeroes(10, 2 * MEMORY_CHUNK, false);
+    assert.equal(m.allocated, 3 * MEMORY_CHUNK); // chunk 1 freed, chunks 0 and 2 partly zeroed
+    const r = await rd(m, 0, 3 * MEMORY_CHUNK);
+    assert.deepEqual(r.subarray(0, 10), Buffer.alloc(10, 0xff));
+    assert.deepEqual(r.subarray(10, 10 + 2 * MEMORY_CHUNK), Buffer.alloc(2 * MEMORY_CHUNK));
+    assert.deepEqual(r.subarray(10 + 2 * MEMORY_CHUNK), Buffer.alloc(MEMORY_CHUNK - 10, 0xff));
+    await m.trim(3 * MEMORY_CHUNK, MEMORY_CHUNK, false);
+    assert.deepEqual(await rd(m, 3 * MEMORY_CHUNK, 16), Buffer.alloc(16));
+  });
+});
+
+describe('file backend', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-server-unit-'));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('reads, writes, zeroes, flushes a regular file', async () => {
+    const f = path.join(dir, 'disk.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x11));
+    const b = await openFileBackend(f);
+    assert.equal(b.size, 1 << 20);
+    assert.equal(b.readOnly, false);
+    assert.equal(b.canMultiConn, true);
+    await b.write(100, Buffer.from('hello'), true);
+    assert.equal((await rd(b, 98, 9)).toString('hex'), '1111' + Buffer.from('hello').toString('hex') + '1111');
+    await b.writeZeroes(1000, (1 << 20) - 2000, false);
+    await b.trim(0, 4096, false); // a hint: must not fail
+    await b.flush();
+    await b.close();
+    const onDisk = readFileSync(f);
+    assert.equal(onDisk.subarray(100, 105).toString(), 'hello');
+    assert.deepEqual(onDisk.subarray(1000, (1 << 20) - 1000), Buffer.alloc((1 << 20) - 2000));
+    assert.deepEqual(onDisk.subarray((1 << 20) - 1000), Buffer.alloc(1000, 0x11));
+  });
+
+  it('read-only open refuses writes at the OS level too', async () => {
+    const f = path.join(dir, 'ro.img');
+    writeFileSync(f, Buffer.alloc(4096));
+    const b = await openFileBackend(f, { readOnly: true });
+    assert.equal(b.readOnly, true);
+    await assert.rejects(b.write(0, Buffer.from('x'), false));
+    await b.close();
+  });
+
+  it('missing file and directory: usage errors that say what to do', async () => {
+    await assert.rejects(openFileBackend(path.join(dir, 'nope.img')), (e: unknown) => e instanceof NbdError && e.code === 'NBD_E_USAGE' && /truncate -s/.test(e.message));
+    await assert.rejects(openFileBackend(dir), (e: unknown) => e instanceof NbdError && /directory/.test(e.message));
+  });
+});
+
+describe('BufferPool', () => {
+  it('reuses large buffers, passes small ones through, stays bounded', () => {
+    const pool = new BufferPool(3 << 20, 64 * 1024);
+    const a = pool.take(1 << 20);
+    assert.equal(a.length, 1 << 20);
+    pool.give(a);
+    assert.equal(pool.idleBytes, 1 << 20);
+    const b = pool.take(1000 * 1024); // same size class (1 MiB)
+    assert.equal(b.buffer, a.buffer);
+    assert.equal(b.length, 1000 * 1024);
+    assert.equal(pool.idleBytes, 0);
+    const small = pool.take(4096);
+    pool.give(small);
+    pool.give(Buffer.alloc(1 << 20)); // not ours: ignored
+    assert.equal(pool.idleBytes, 0);
+    const bufs = [pool.take(1 << 20), pool.take(1 << 20), pool.take(1 << 20), pool.take(1 << 20)];
+    for (const x of bufs) pool.give(x);
+    assert.equal(pool.idleBytes, 3 << 20); // the fourth is dropped: bounded
+    pool.give(bufs[0]!);
+    assert.equal(pool.idleBytes, 3 << 20);
+  });
+});
+
+describe('sizes', () => {
+  it('parses bytes and binary suffixes', () => {
+    assert.equal(parseSize('4096'), 4096);
+    assert.equal(parseSize('64K'), 65536);
+    assert.equal(parseSize('512M'), 512 * 2 ** 20);
+    assert.equal(parseSize('1G'), 2 ** 30);
+    assert.equal(parseSize('1g'), 2 ** 30);
+    assert.equal(parseSize('2GiB'), 2 ** 31);
+    assert.equal(parseSize('3T'), 3 * 2 ** 40);
+    assert.equal(parseSize('100B'), 100);
+  });
+  it('rejects nonsense', () => {
+    for (const bad of ['', '1.5G', '-1', '12Q', 'G', '1 G B', '99999999999P']) {
+      assert.throws(() => parseSize(bad), (e: unknown) => e instanceof NbdError && e.code === 'NBD_E_USAGE', bad);
+    }
+  });
+  it('formats for people', () => {
+    assert.equal(formatSize(2 ** 30), '1 GiB');
+    assert.equal(formatSize(1536), '1.5 KiB');
+    assert.equal(formatSize(100), '100 B');
+  });
+});
+
+describe('exports', () => {
+  const mk = (name: string): ServedExport => ({ name, description: '', backend: new MemoryBackend(512), readOnly: false });
+  it('findExport: exact name, empty name only with one export', () => {
+    assert.equal(findExport([mk('a')], '')?.name, 'a');
+    assert.equal(findExport([mk('a'), mk('b')], ''), undefined);
+    assert.equal(findExport([mk('a'), mk('b')], 'b')?.name, 'b');
+    assert.equal(findExport([mk('a'), mk('')], '')?.name, '');
+  });
+  it('CAN_MULTI_CONN follows the backend', () => {
+    const e = mk('a');
+    assert.ok(transmissionFlags(e, false) & TransmissionFlag.CAN_MULTI_CONN);
+    const single = { ...e, backend: Object.assign(Object.create(e.backend), { canMultiConn: false }) };
+    assert.equal(transmissionFlags(single, false) & TransmissionFlag.CAN_MULTI_CONN, 0);
+  });
+
+  it('planExports: FILE, NAME=FILE, --memory, --name in order', () => {
+    const none = (): boolean => false;
+    assert.deepEqual(planExports(['/srv/a.img', 'b=/srv/x.img'], ['1G'], ['first', 'mem'], none), [
+      { kind: 'file', source: '/srv/a.img', name: 'first' },
+      { kind: 'file', source: '/srv/x.img', name: 'b' },
+      { kind: 'memory', source: '1G', name: 'mem' },
+    ]);
+    assert.deepEqual(planExports([], ['1G', '2G'], [], none).map((p) => p.name), ['memory0', 'memory1']);
+    // a real file whose name contains '=' is a FILE, not NAME=FILE
+    assert.deepEqual(planExports(['k=v.img'], [], [], () => true), [{ kind: 'file', source: 'k=v.img', name: 'k=v.img' }]);
+  });
+
+  it('planExports: usage errors', () => {
+    const none = (): boolean => false;
+    assert.throws(() => planExports([], [], [], none), /nothing to serve/);
+    assert.throws(() => planExports(['/a/x.img', '/b/x.img'], [], [], none), /used twice/);
+    assert.throws(() => planExports(['/a/x.img'], [], ['p', 'q'], none), /drop the extra --name/);
+  });
+});
