@@ -194,13 +194,32 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
     debug('server closed on NBD_OPT_GO: retrying once with NBD_OPT_EXPORT_NAME');
     attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs);
   }
-  const { socket, result } = attempt;
+  return transmissionReady(attempt.socket, attempt.result);
+}
+
+/** Check nothing was read past the handshake and package the connection for the kernel. */
+function transmissionReady(socket: net.Socket, result: HandshakeResult): Connection {
   socket.pause();
   if (socket.readableLength !== 0) {
     socket.destroy();
     throw new NbdError('NBD_E_PROTOCOL', `protocol error: server sent ${socket.readableLength} bytes after the handshake, before any request`);
   }
   return { socket, info: result.info!, style: result.style, via: result.via };
+}
+
+/**
+ * Negotiate over a stream that is already connected (the local-attach socketpair to the in-process
+ * server). No fallback retry: there is no second connection to make.
+ */
+export async function negotiateOn(socket: net.Socket, opts: NegotiateOptions, where: string): Promise<Connection> {
+  const deadline = Date.now() + (opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
+  const goal: HandshakeGoal = { kind: 'go', name: opts.exportName, noOptGo: opts.noOptGo ?? false };
+  try {
+    return transmissionReady(socket, await runHandshake(socket, new ClientHandshake(goal), deadline, where));
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  }
 }
 
 /** End a query connection politely: NBD_CMD_DISC when in transmission (proto.md "Terminating the transmission phase"). */

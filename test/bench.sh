@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# `npm run bench`: boots the test VM once and runs test/bench/bench.ts in it (as root).
+# BENCH_REPS (default 5) and BENCH_FIO_SECONDS (default 5) tune the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error
+exec test/vm/run.sh --timeout 3000 --env "BENCH_REPS=${BENCH_REPS:-5}" --env "BENCH_FIO_SECONDS=${BENCH_FIO_SECONDS:-5}" \
+  -- node --import tsx test/bench/bench.ts

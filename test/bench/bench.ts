@@ -1,0 +1,222 @@
+// `npm run bench` (test/bench.sh boots the test VM and runs this inside, as root).
+// Every figure is printed next to the same measurement of the reference in the same run, as a ratio:
+// absolute numbers under software emulation mean little (docs/decisions.md, "Benchmarks").
+//
+//  1. attach/detach latency: nbd-attach vs nbd-client, same nbdkit server.
+//  2. throughput through the kernel (fio, O_DIRECT): our client vs nbd-client on the same server.
+//  3. our built-in server vs nbd-server and nbdkit file, same image, same client (nbd-client), same fio jobs
+//     (issue: ≥ 1.0× nbd-server, ≥ 0.9× nbdkit file).
+//  4. reconnect: median time from the server accepting again to fresh I/O completing (target ≤ 1 s at
+//     default settings), and the worst stall of I/O across the outage.
+import { spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, tmpDir, tmpFile, waitFor, cleanup, freePort, isListening, type ServerHandle } from '../kernel/lib.ts';
+
+requireGuest();
+const CLI = join(process.cwd(), 'bin/nbd-attach.js');
+const REPS = Number(process.env.BENCH_REPS ?? 5);
+const FIO_SECONDS = Number(process.env.BENCH_FIO_SECONDS ?? 5);
+const MiB = 1024 * 1024;
+const results: string[] = [];
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? (s[(s.length - 1) >> 1]! + s[s.length >> 1]!) / 2 : NaN;
+};
+const ratio = (a: number, b: number): string => (b > 0 ? `${(a / b).toFixed(2)}×` : 'n/a');
+function report(line: string): void {
+  results.push(line);
+  process.stdout.write(`bench: ${line}\n`);
+}
+
+async function timed(file: string, args: string[]): Promise<number> {
+  const t0 = performance.now();
+  await mustRun(file, args, { timeoutMs: 120_000 });
+  return performance.now() - t0;
+}
+
+async function attachLatency(): Promise<void> {
+  const srv = await startNbdkit(['memory', '64M']);
+  const ours: number[] = [];
+  const ref: number[] = [];
+  const oursDetach: number[] = [];
+  const refDetach: number[] = [];
+  for (let i = 0; i < REPS; i++) {
+    ref.push(await timed('nbd-client', ['127.0.0.1', String(srv.port), '/dev/nbd0']));
+    refDetach.push(await timed('nbd-client', ['-d', '/dev/nbd0']));
+    ours.push(await timed(process.execPath, [CLI, '127.0.0.1', String(srv.port), '/dev/nbd0']));
+    oursDetach.push(await timed(process.execPath, [CLI, '-d', '/dev/nbd0']));
+  }
+  report(`attach  median ${median(ours).toFixed(0)} ms vs nbd-client ${median(ref).toFixed(0)} ms = ${ratio(median(ours), median(ref))} (lower is better)`);
+  report(`detach  median ${median(oursDetach).toFixed(0)} ms vs nbd-client ${median(refDetach).toFixed(0)} ms = ${ratio(median(oursDetach), median(refDetach))}`);
+  await srv.stop();
+}
+
+interface FioResult {
+  readMBs: number;
+  writeMBs: number;
+  readIops: number;
+  writeIops: number;
+}
+const JOBS: { name: string; rw: string; bs: string; depth: number }[] = [
+  { name: 'seq-read-1M', rw: 'read', bs: '1M', depth: 4 },
+  { name: 'seq-write-1M', rw: 'write', bs: '1M', depth: 4 },
+  { name: 'rand-read-4k-qd16', rw: 'randread', bs: '4k', depth: 16 },
+  { name: 'rand-write-4k-qd16', rw: 'randwrite', bs: '4k', depth: 16 },
+];
+
+async function fio(dev: string, job: (typeof JOBS)[number]): Promise<FioResult> {
+  const r = await mustRun('fio', [
+    '--name=b', `--filename=${dev}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.depth}`, '--ioengine=libaio', '--direct=1',
+    '--size=48M', '--time_based', `--runtime=${FIO_SECONDS}`, '--output-format=json',
+  ], { timeoutMs: (FIO_SECONDS + 60) * 1000 });
+  const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
+  return { readMBs: j.read.bw / 1024, writeMBs: j.write.bw / 1024, readIops: j.read.iops, writeIops: j.write.iops };
+}
+const figure = (job: (typeof JOBS)[number], r: FioResult): number =>
+  job.bs === '4k' ? (job.rw.includes('read') ? r.readIops : r.writeIops) : job.rw.includes('read') ? r.readMBs : r.writeMBs;
+const unit = (job: (typeof JOBS)[number]): string => (job.bs === '4k' ? 'IOPS' : 'MB/s');
+
+async function withNbdClient<T>(port: number, name: string, fn: (dev: string) => Promise<T>): Promise<T> {
+  await mustRun('nbd-client', ['127.0.0.1', String(port), '/dev/nbd2', ...(name ? ['-N', name] : [])], { timeoutMs: 60_000 });
+  try {
+    return await fn('/dev/nbd2');
+  } finally {
+    await run('nbd-client', ['-d', '/dev/nbd2'], { timeoutMs: 60_000 });
+  }
+}
+
+async function withNbdAttach<T>(port: number, fn: (dev: string) => Promise<T>): Promise<T> {
+  await mustRun(process.execPath, [CLI, '127.0.0.1', String(port), '/dev/nbd3'], { timeoutMs: 60_000 });
+  try {
+    return await fn('/dev/nbd3');
+  } finally {
+    await run(process.execPath, [CLI, '-d', '/dev/nbd3'], { timeoutMs: 60_000 });
+  }
+}
+
+async function clientThroughput(): Promise<void> {
+  const srv = await startNbdkit(['memory', '64M']);
+  for (const job of JOBS) {
+    const ref = figure(job, await withNbdClient(srv.port, '', (d) => fio(d, job)));
+    const ours = figure(job, await withNbdAttach(srv.port, (d) => fio(d, job)));
+    report(`client ${job.name.padEnd(19)} nbd-attach ${ours.toFixed(0)} vs nbd-client ${ref.toFixed(0)} ${unit(job)} = ${ratio(ours, ref)}`);
+  }
+  await srv.stop();
+}
+
+/** Our server as a child process on a port, like the others. */
+async function startOurServer(file: string): Promise<{ port: number; stop(): Promise<void> }> {
+  const port = await freePort();
+  const child = spawn(process.execPath, [CLI, 'serve', file, '--name', 'disk', '--port', String(port)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await waitFor(() => isListening(port), 60_000, { what: 'nbd-attach serve listening' });
+  return {
+    port,
+    stop: async () => {
+      child.kill('SIGTERM');
+      await new Promise((r) => child.once('exit', r));
+    },
+  };
+}
+
+async function serverThroughput(): Promise<void> {
+  const dir = await tmpDir('bench-');
+  const img = await tmpFile(64 * MiB, { name: 'bench.img' });
+  void dir;
+  const servers: { name: string; start(): Promise<{ port: number; stop(): Promise<void> }>; export: string }[] = [
+    { name: 'nbd-attach serve', start: () => startOurServer(img), export: 'disk' },
+    { name: 'nbd-server', start: async () => startNbdServer(`[disk]\nexportname = ${img}\n`) as Promise<ServerHandle>, export: 'disk' },
+    { name: 'nbdkit file', start: () => startNbdkit(['file', img]), export: '' },
+  ];
+  const table = new Map<string, Map<string, number>>();
+  for (const s of servers) {
+    const srv = await s.start();
+    const row = new Map<string, number>();
+    for (const job of JOBS) row.set(job.name, figure(job, await withNbdClient(srv.port, s.export, (d) => fio(d, job))));
+    table.set(s.name, row);
+    await srv.stop();
+  }
+  for (const job of JOBS) {
+    const ours = table.get('nbd-attach serve')!.get(job.name)!;
+    const ns = table.get('nbd-server')!.get(job.name)!;
+    const nk = table.get('nbdkit file')!.get(job.name)!;
+    report(
+      `server ${job.name.padEnd(19)} ours ${ours.toFixed(0)} ${unit(job)}; nbd-server ${ns.toFixed(0)} = ${ratio(ours, ns)} (target ≥ 1.0×); nbdkit file ${nk.toFixed(0)} = ${ratio(ours, nk)} (target ≥ 0.9×)`,
+    );
+  }
+}
+
+/**
+ * A prober child writes 4 KiB O_DSYNC at rotating offsets and prints a timestamp per completion.
+ * The server is SIGKILLed, restarted on the same port after `downMs`, and we measure from its
+ * listening again to the prober's first completion after that.
+ */
+async function reconnect(): Promise<void> {
+  const downMs = 2000;
+  const srv = await startNbdkit(['memory', '64M']);
+  await mustRun(process.execPath, [CLI, '127.0.0.1', String(srv.port), '/dev/nbd4'], { timeoutMs: 60_000 });
+  const prober = spawn(process.execPath, ['-e', `
+    const fs = require('fs');
+    const fd = fs.openSync('/dev/nbd4', fs.constants.O_WRONLY | fs.constants.O_DSYNC);
+    const buf = Buffer.alloc(4096, 7);
+    let off = 0;
+    for (;;) {
+      try { fs.writeSync(fd, buf, 0, 4096, off); process.stdout.write(Date.now() + '\\n'); }
+      catch (e) { process.stdout.write('E ' + Date.now() + ' ' + e.code + '\\n'); }
+      off = (off + 4096) % (32 * 1024 * 1024);
+    }`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const stamps: number[] = [];
+  let errors = 0;
+  let partial = '';
+  prober.stdout!.on('data', (d: Buffer) => {
+    const lines = (partial + d.toString()).split('\n');
+    partial = lines.pop()!;
+    for (const l of lines) {
+      if (l.startsWith('E')) errors++;
+      else if (l) stamps.push(Number(l));
+    }
+  });
+  const recoveries: number[] = [];
+  try {
+    await waitFor(() => stamps.length > 10, 60_000, { what: 'prober running' });
+    for (let i = 0; i < REPS; i++) {
+      srv.kill('SIGKILL');
+      await srv.exited();
+      await new Promise((r) => setTimeout(r, downMs));
+      await srv.restart();
+      const back = Date.now();
+      const first = await waitFor(() => stamps.find((t) => t >= back), 120_000, { what: 'I/O after reconnect', intervalMs: 5 });
+      recoveries.push(first! - back);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  } finally {
+    prober.kill('SIGKILL');
+    await run(process.execPath, [CLI, '-d', '/dev/nbd4'], { timeoutMs: 60_000 });
+    await srv.stop();
+  }
+  let worst = 0;
+  for (let i = 1; i < stamps.length; i++) worst = Math.max(worst, stamps[i]! - stamps[i - 1]!);
+  report(`reconnect median ${median(recoveries).toFixed(0)} ms from server back to fresh I/O (target ≤ 1000 ms; runs: ${recoveries.join(', ')}); worst I/O stall ${worst} ms with the server down ${downMs} ms; I/O errors ${errors} (nbd-client -persist: never recovers, upstream #93)`);
+}
+
+await loadNbd({ nbds_max: 8 });
+const sections: [string, () => Promise<void>][] = [
+  ['attach latency', attachLatency],
+  ['client throughput', clientThroughput],
+  ['server throughput', serverThroughput],
+  ['reconnect', reconnect],
+];
+let failed = 0;
+for (const [name, fn] of sections) {
+  try {
+    await fn();
+  } catch (e) {
+    failed++;
+    report(`${name}: FAILED: ${(e as Error).message.split('\n')[0]}`);
+  }
+}
+await cleanup();
+writeFileSync('/tmp/bench-results.txt', results.join('\n'));
+process.stdout.write(`\n=== benchmark summary ===\n${results.join('\n')}\n`);
+process.exitCode = failed ? 1 : 0;
