@@ -194,8 +194,11 @@ export interface FdWatcher {
   ref(): void;
 }
 export function watchReadable(fd: number, onReadable: () => void): FdWatcher {
-  const h = lib().koffi.node.poll(fd, { readable: true }, (ev) => {
-    if (ev.readable || ev.disconnect) onReadable();
-  });
+  // koffi 3.3 calls back with (status, events), not (events) as its index.d.ts says (src/uv.cc OnPoll).
+  const h = lib().koffi.node.poll(fd, { readable: true }, ((status: unknown, events?: { readable?: boolean; disconnect?: boolean }) => {
+    const ev = typeof status === 'object' && status !== null ? (status as { readable?: boolean; disconnect?: boolean }) : events;
+    if (typeof status === 'number' && status < 0) onReadable(); // error on the fd: let the reader see it
+    else if (ev?.readable || ev?.disconnect) onReadable();
+  }) as unknown as (ev: { readable: boolean; writable: boolean; disconnect: boolean }) => void);
   return { close: () => h.close(), unref: () => h.unref(), ref: () => h.ref() };
 }

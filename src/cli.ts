@@ -5,9 +5,15 @@ import { Command, CommanderError } from 'commander';
 import { ExitCode, NbdError, exitCodeOf } from './errors.ts';
 import * as listCommand from './commands/list.ts';
 import * as infoCommand from './commands/info.ts';
+import * as serveCommand from './commands/serve.ts';
+import * as attachCommand from './commands/attach.ts';
+import * as detachCommand from './commands/detach.ts';
+import * as checkCommand from './commands/check.ts';
+import * as mknodCommand from './commands/mknod.ts';
+import * as statusCommand from './commands/status.ts';
 
 /** Command modules, each `register(program)`. Order is the order of `--help`. */
-const COMMANDS: { register(program: Command): void }[] = [listCommand, infoCommand];
+const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand];
 
 /** Top-level nbd-client switches that select a command, with the command they select. */
 const COMPAT_COMMANDS: Record<string, string> = {

@@ -295,6 +295,9 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
   }
 
   // ioctl: one Worker thread does every ioctl and then blocks in DO_IT.
+  if (opts.identifier !== undefined) notice('-i/--identifier is ignored with the ioctl interface (it cannot set a backend identifier)');
+  if (opts.deadConnTimeout) notice('the dead-connection timeout is ignored with the ioctl interface');
+  if (fds.length > 1) notice(`the ioctl interface is used with one connection; ${fds.length - 1} more closed`);
   return ioctlAttach({ dev: dev!, fd: fds[0]!, extraFds: fds.slice(1), blockSize, info, readOnly, timeout: opts.timeout ?? 0, readyTimeout, roots });
 }
 

@@ -57,6 +57,21 @@ export class ByteQueue {
     return dropped;
   }
 
+  /**
+   * Copy any buffered bytes that live in `scratch` (a read buffer about to be reused) into memory of
+   * their own. Normally only a partial header (< 28 bytes) is left, so this copies little.
+   */
+  detach(scratch: ArrayBufferLike): void {
+    for (let i = 0; i < this.chunks.length; i++) {
+      const c = this.chunks[i]!;
+      if (c.buffer === scratch) {
+        const start = i === 0 ? this.head : 0;
+        this.chunks[i] = Buffer.from(c.subarray(start));
+        if (i === 0) this.head = 0;
+      }
+    }
+  }
+
   /** Everything buffered, removed from the queue. */
   drain(): Buffer {
     return this.take(this.total);

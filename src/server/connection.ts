@@ -7,6 +7,7 @@
 // (counted until the reply has left the socket); past either bound the socket is paused and framing
 // stops until replies drain. A protocol violation (bad request magic) closes this connection only.
 
+import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import createDebug from 'debug';
 import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
@@ -22,6 +23,33 @@ const log = createDebug('nbd:server');
 /** Shared by all connections of the process: idle payload buffers for reuse (bounded). */
 const sharedPool = new BufferPool();
 
+/** Per-connection read buffer when reads cannot land in a payload directly. */
+const SCRATCH_SIZE = 256 * 1024;
+/** Below this many missing payload bytes, read into the scratch buffer instead. */
+const DIRECT_MIN = 16 * 1024;
+
+type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void };
+type HandleSocket = net.Socket & { _handle?: { useUserBuffer?: unknown } | null };
+
+/**
+ * Re-wrap an accepted TCP/Unix socket's handle in a net.Socket that reads into buffers we choose
+ * (Node's documented `onread` option, which accepted sockets cannot request). Node otherwise
+ * allocates a fresh 64 KiB buffer per read; on hosts with costly page faults that churn dominated
+ * large WRITEs. Returns undefined (caller keeps the 'data' path) when the socket is not a fresh
+ * net.Socket with a handle.
+ */
+function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket | undefined {
+  if (!(sock instanceof net.Socket)) return undefined;
+  const old = sock as HandleSocket;
+  const handle = old._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function' || old.readableLength > 0 || old.connecting || old.destroyed) {
+    return undefined;
+  }
+  old._handle = null; // the old wrapper lets go of the handle; destroying it then closes nothing
+  old.destroy();
+  return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
+}
+
 export interface ConnectionOptions {
   /** Requests executing or waiting for their reply to be written (default 64). */
   maxInFlight?: number;
@@ -33,6 +61,8 @@ export interface ConnectionOptions {
   shutdownGraceMs?: number;
   /** Where payload buffers come from (default: one pool shared by the process). */
   pool?: BufferPool;
+  /** Read into our own buffers (and straight into WRITE payloads) when the socket allows (default true). */
+  userBuffers?: boolean;
 }
 
 export type ConnectionPhase = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -49,7 +79,12 @@ export interface ServedConnection {
   shutdown(): Promise<void>;
 }
 
-/** Serve one already-connected stream (TCP, Unix, or one end of a socketpair). */
+/**
+ * Serve one already-connected stream (TCP, Unix, or one end of a socketpair). The stream is taken
+ * over: a net.Socket's handle is moved into a new wrapper that reads into our buffers, so the object
+ * passed in may be destroyed (and emit 'close') at once. Watch `done`, and do not use the stream
+ * afterwards. Pass `userBuffers: false` to keep the stream as it is.
+ */
 export function serveConnection(socket: Duplex, exports: readonly ServedExport[], opts: ConnectionOptions = {}): ServedConnection {
   return new Connection(socket, exports, opts);
 }
@@ -78,9 +113,13 @@ class Connection implements ServedConnection {
   private finishing = false;
   private graceTimer: NodeJS.Timeout | undefined;
   private resolveDone!: () => void;
+  private readonly socket: Duplex;
+  private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
+  private direct: Buffer | undefined;
+  private readonly userBuffers: boolean;
 
   constructor(
-    private readonly socket: Duplex,
+    socket: Duplex,
     private readonly exports: readonly ServedExport[],
     opts: ConnectionOptions,
   ) {
@@ -92,9 +131,20 @@ class Connection implements ServedConnection {
     this.pool = opts.pool ?? sharedPool;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
 
+    const adopted =
+      opts.userBuffers === false
+        ? undefined
+        : adoptWithUserBuffers(socket, { buffer: () => this.nextReadBuffer(), callback: (n, buf) => this.onUserRead(n, buf) });
+    this.socket = adopted ?? socket;
+    this.userBuffers = adopted !== undefined;
+    socket = this.socket;
     const s = socket as Duplex & { setNoDelay?: (v: boolean) => void };
     s.setNoDelay?.(true); // proto.md "Protocol phases": both sides SHOULD disable Nagle
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (adopted) adopted.resume(); // flowing, so that 'end' is emitted (data goes through onread)
+    else {
+      socket.on('data', (chunk: Buffer) => this.onData(chunk));
+      socket.resume(); // a socket accepted with pauseOnConnect does not start flowing on its own
+    }
     socket.on('end', () => this.onPeerEnd());
     socket.on('error', (err) => {
       log('connection error: %s', err.message);
@@ -106,6 +156,30 @@ class Connection implements ServedConnection {
 
   // -------------------------------------------------------------------------------------------
   // Input
+
+  /** Node's onread asks where the next read lands: the rest of a WRITE payload, or the scratch buffer. */
+  private nextReadBuffer(): Uint8Array {
+    this.direct = this.reader && !this.stopReading ? this.reader.directTarget(DIRECT_MIN) : undefined;
+    return this.direct ?? this.scratch;
+  }
+
+  private onUserRead(n: number, buf: Uint8Array): void {
+    if (this.direct && buf === this.direct) {
+      this.direct = undefined;
+      if (this.phase !== 'transmission' || this.stopReading) return;
+      this.reader!.filledDirect(n);
+      this.pump();
+      return;
+    }
+    if (this.phase === 'handshake') {
+      // Handshake traffic is small: give the machine its own copy (its queue may keep bytes).
+      this.onData(Buffer.from(buf.subarray(0, n)));
+      return;
+    }
+    this.onData(Buffer.from(buf.buffer, buf.byteOffset, n));
+    // The scratch buffer is reused for the next read: copy out whatever is still queued.
+    this.reader?.detach(this.scratch.buffer);
+  }
 
   private onData(chunk: Buffer): void {
     if (this.phase === 'handshake') {
@@ -129,7 +203,8 @@ class Connection implements ServedConnection {
           structured: n.structured,
           maxPayload: this.maxPayload,
         };
-        this.reader = new RequestReader(this.maxPayload, (n) => this.pool.take(n));
+        // With user buffers, received bytes live in the reused scratch buffer: payloads must be copies.
+        this.reader = new RequestReader(this.maxPayload, (n) => this.pool.take(n), this.userBuffers);
         this.phase = 'transmission';
         log('transmission: export %j structured=%s', n.export.name, n.structured);
         if (this.shuttingDown) this.beginTransmissionShutdown();
@@ -226,6 +301,7 @@ class Connection implements ServedConnection {
       this.maybeFinish();
     };
     if (verdict.error !== 0) {
+      if (payload) this.pool.give(payload);
       log('%s cookie %s: %s (%s)', cmdName(req.type), req.cookie, wireErrName(verdict.error), verdict.message);
       this.replyError(req, verdict.error, verdict.message, release);
       return;
@@ -365,6 +441,9 @@ class Connection implements ServedConnection {
   /** Half-close our side; a peer that never closes its side is cut off after the grace period. */
   private endSocket(): void {
     this.socket.end();
+    // Keep reading (and ignoring) so the peer's close is seen and the socket can finish closing.
+    this.paused = false;
+    this.socket.resume();
     const t = setTimeout(() => this.socket.destroy(), this.graceMs);
     t.unref();
     this.socket.once('close', () => clearTimeout(t));

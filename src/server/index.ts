@@ -63,10 +63,11 @@ function checkExports(exports: readonly ServedExport[]): void {
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   checkExports(opts.exports);
   const connections = new Set<ServedConnection>();
-  const server = net.createServer({ noDelay: true }, (socket) => {
+  // pauseOnConnect: nothing is read before the connection takes the socket over (connection.ts).
+  const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => {
+    log('connection from %s', socket.remoteAddress ?? 'unix socket');
     const conn = serveConnection(socket, opts.exports, opts.connection);
     connections.add(conn);
-    log('connection from %s', socket.remoteAddress ?? 'unix socket');
     void conn.done.then(() => connections.delete(conn));
   });
 

@@ -25,7 +25,31 @@ export class RequestReader {
     private readonly maxPayload: number,
     /** Allocates payload buffers (a pool in the server; plain allocation by default). */
     private readonly alloc: (n: number) => Buffer = (n) => Buffer.allocUnsafe(n),
+    /** Never hand out payloads that are views of pushed chunks (the chunks' memory gets reused). */
+    private readonly copyPayloads = false,
   ) {}
+
+  /**
+   * Where the next socket read may land directly: the unfilled rest of a WRITE payload being
+   * assembled (so the kernel copies straight into it), when nothing else is buffered and at least
+   * `min` bytes are missing. Report what arrived with `filledDirect`.
+   */
+  directTarget(min: number): Buffer | undefined {
+    const st = this.st;
+    if (st.phase !== 'payload' || this.queue.length > 0 || st.buf.length - st.filled < min) return undefined;
+    return st.buf.subarray(st.filled);
+  }
+
+  filledDirect(n: number): void {
+    const st = this.st;
+    if (st.phase !== 'payload' || st.filled + n > st.buf.length) throw new Error('RequestReader.filledDirect out of step');
+    st.filled += n;
+  }
+
+  /** See ByteQueue.detach: call before the memory of pushed chunks is reused. */
+  detach(scratch: ArrayBufferLike): void {
+    this.queue.detach(scratch);
+  }
 
   /** Bytes received but not yet handed out (excluding a payload being assembled). */
   get buffered(): number {
@@ -57,7 +81,7 @@ export class RequestReader {
             this.st = { phase: 'discard', req, remaining: req.length };
             continue;
           }
-          if (this.queue.length >= req.length) {
+          if (this.queue.length >= req.length && !this.copyPayloads) {
             // Whole payload already here: a view when it sits in one chunk, else one copy.
             return { kind: 'request', req, payload: this.queue.take(req.length) };
           }

@@ -20,4 +20,4 @@ if [ $# -gt 0 ]; then FILES=("$@"); else FILES=(test/kernel/*.test.ts); fi
 # In the guest HOME and TMPDIR are the tmpfs /tmp, so tsx's cache and Node's compile cache
 # stay writable while the checkout is read-only.
 exec test/vm/run.sh "${VM_ARGS[@]}" -- \
-  node --import tsx --test --test-concurrency=1 "${FILES[@]}"
+  node --import tsx --test --test-reporter=tap --test-concurrency=1 "${FILES[@]}"

@@ -44,6 +44,47 @@ describe('ByteQueue', () => {
   });
 });
 
+describe('ByteQueue.detach', () => {
+  it('copies out bytes that live in a buffer about to be reused, and only those', () => {
+    const q = new ByteQueue();
+    const own = Buffer.from('own');
+    const scratch = Buffer.from('abcdef');
+    q.push(own);
+    q.push(scratch);
+    q.take(4); // 'own' + 'a'
+    q.detach(scratch.buffer);
+    scratch.fill(0x2a); // the scratch buffer gets reused
+    assert.equal(q.take(5).toString(), 'bcdef');
+  });
+});
+
+describe('RequestReader: direct reads and copied payloads', () => {
+  it('offers the unfilled rest of a payload as a read target', () => {
+    const r = new RequestReader(1 << 20);
+    const w = req(Cmd.WRITE, 0, 40_000, 0, 1n);
+    r.push(Buffer.concat([encodeRequest(w), Buffer.alloc(1000, 1)]));
+    assert.equal(r.next(), null);
+    const t = r.directTarget(16 * 1024)!;
+    assert.equal(t.length, 39_000);
+    t.fill(2, 0, 30_000); // "the kernel read 30000 bytes into it"
+    r.filledDirect(30_000);
+    assert.equal(r.directTarget(16 * 1024), undefined); // 9000 left: below the minimum
+    r.push(Buffer.alloc(9000, 3));
+    const got = r.next() as { payload: Buffer };
+    assert.deepEqual(got.payload, Buffer.concat([Buffer.alloc(1000, 1), Buffer.alloc(30_000, 2), Buffer.alloc(9000, 3)]));
+    assert.throws(() => r.filledDirect(1));
+  });
+
+  it('with copyPayloads, never hands out a view of a pushed chunk', () => {
+    const r = new RequestReader(1 << 20, undefined, true);
+    const chunk = Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 4, 0, 1n)), Buffer.from('data')]);
+    r.push(chunk);
+    const got = r.next() as { payload: Buffer };
+    chunk.fill(0); // the read buffer gets reused
+    assert.equal(got.payload.toString(), 'data');
+  });
+});
+
 describe('RequestReader', () => {
   const write = req(Cmd.WRITE, 4096, 8, CmdFlag.FUA, 1n);
   const payload = Buffer.from('01020304050607ff', 'hex');

@@ -1,0 +1,112 @@
+// `nbd-attach [attach] HOST[:PORT] [PORT] [DEV]`: negotiate an export and hand it to the kernel.
+// The default command: src/cli.ts routes `nbd-attach HOST …` here.
+
+import { InvalidArgumentError, Option, type Command } from 'commander';
+import { looksLikePort } from '../address.ts';
+import { negotiate } from '../client/negotiate.ts';
+import { NbdError } from '../errors.ts';
+import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
+import { parseDeviceName } from '../kernel/device.ts';
+import { type ServerOptions, addServerOptions, formatSize, resolveTarget } from './common.ts';
+import { addSupervisorOptions } from '../supervisor/options.ts';
+import { type SupervisedAttachOptions, runSupervisedAttach } from '../supervisor/run.ts';
+
+export interface AttachCliOptions extends ServerOptions {
+  optgo: boolean;
+  blockSize?: number;
+  timeout?: number;
+  identifier?: string;
+  readOnly?: boolean;
+  ioctl?: boolean;
+}
+
+function positiveInt(what: string, max: number) {
+  return (text: string): number => {
+    if (!/^\d+$/.test(text) || Number(text) > max) throw new InvalidArgumentError(`'${text}' is not a valid ${what}`);
+    return Number(text);
+  };
+}
+
+/** Pure: split the positionals into host, port and device (`HOST PORT DEV`, `HOST DEV`, `-u SOCK DEV`). */
+export function splitPositionals(args: readonly (string | undefined)[], unix: boolean): { host?: string; port?: string; device?: string } {
+  const a = args.filter((x): x is string => x !== undefined);
+  if (unix) {
+    if (a.length > 1) throw new NbdError('NBD_E_USAGE', `with -u/--unix give only the device, not '${a.join(' ')}'`);
+    return a[0] !== undefined ? { device: a[0] } : {};
+  }
+  const [host, second, third] = a;
+  const out: { host?: string; port?: string; device?: string } = {};
+  if (host !== undefined) out.host = host;
+  if (second === undefined) return out;
+  if (third !== undefined) {
+    out.port = second;
+    out.device = third;
+  } else if (looksLikePort(second) && parseDeviceName(second) === undefined) {
+    out.port = second;
+  } else {
+    out.device = second;
+  }
+  return out;
+}
+
+export function addKernelOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('-b, --block-size <bytes>', 'block size for the device (default: the server\'s preferred size, else 512)').argParser(positiveInt('block size', 1 << 20)))
+    .addOption(new Option('-t, --timeout <seconds>', 'request timeout: the kernel drops a connection whose request takes longer').argParser(positiveInt('timeout', 0x7fffffff)))
+    .option('-i, --identifier <id>', 'backend identifier shown in /sys/block/nbdN/backend (default: random)')
+    .option('-R, --read-only', 'attach read-only (the kernel refuses writes)')
+    .option('-L, --ioctl', 'use the ioctl interface instead of netlink (stays in the foreground)');
+}
+
+export function register(program: Command): void {
+  addSupervisorOptions(addKernelOptions(
+    addServerOptions(program.command('attach'))
+      .description('attach an export to /dev/nbdN (the default command: nbd-attach HOST[:PORT] [DEV])')
+      .argument('[host]', 'HOST, HOST:PORT, [IPv6]:PORT or nbd:// URI')
+      .argument('[port]', 'port, when given separately (nbd-client form HOST PORT DEV)')
+      .argument('[device]', '/dev/nbdN, nbdN or any block node of major 43 (default: a free device)')
+      .option('-g, --no-optgo', 'negotiate with NBD_OPT_EXPORT_NAME only (very old servers)'),
+  )).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, opts: AttachCliOptions) => {
+    // netlink: stay resident and reconnect (src/supervisor/); -L keeps the foreground ioctl path below.
+    if (opts.ioctl !== true) return runSupervisedAttach([a1, a2, a3], opts as AttachCliOptions & SupervisedAttachOptions);
+    const { host, port, device } = splitPositionals([a1, a2, a3], opts.unix !== undefined);
+    const { target, exportName } = resolveTarget(host, port, opts);
+    const useIoctl = opts.ioctl === true;
+    await preflight({ device, useIoctl });
+    const conn = await negotiate(target, { exportName, noOptGo: opts.optgo === false, timeoutMs: opts.connectTimeout });
+    const notice = (m: string): void => {
+      process.stderr.write(`nbd-attach: note: ${m}\n`);
+    };
+    const r = await attach({
+      connections: [conn],
+      device,
+      blockSize: opts.blockSize,
+      readOnly: opts.readOnly === true,
+      timeout: opts.timeout,
+      identifier: opts.identifier,
+      useIoctl,
+      notice,
+    });
+    const name = conn.info.name === '' ? '(default)' : `'${conn.info.name}'`;
+    process.stdout.write(
+      `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), export ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
+    );
+    if (r.done) {
+      // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
+      // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
+      const onSignal = (sig: NodeJS.Signals): void => {
+        notice(`${sig}: disconnecting ${r.device}`);
+        try {
+          ioctlDisconnect(r.device);
+        } catch (e) {
+          process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
+        }
+      };
+      for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
+      const end = await r.done;
+      for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
+      if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
+      process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
+    }
+  });
+}

@@ -1,0 +1,121 @@
+// `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--port N | --unix PATH]
+//  [--bind ADDR] [--read-only]`: the built-in NBD server, usable by any NBD client.
+
+import { existsSync } from 'node:fs';
+import { basename } from 'node:path';
+import { InvalidArgumentError, Option, type Command } from 'commander';
+import { NbdError } from '../errors.ts';
+import { DEFAULT_PORT } from '../protocol/constants.ts';
+import { fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
+import { isReadOnly } from '../server/export.ts';
+
+interface ServeOptions {
+  memory: string[];
+  name: string[];
+  port?: number;
+  unix?: string;
+  bind: string;
+  readOnly?: boolean;
+  tls?: string | boolean;
+}
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+function port(text: string): number {
+  if (!/^\d+$/.test(text) || Number(text) > 65535) throw new InvalidArgumentError(`'${text}' is not a port number (0-65535)`);
+  return Number(text);
+}
+
+interface Planned {
+  kind: 'file' | 'memory';
+  source: string; // path, or size text
+  name: string | undefined; // explicit NAME=FILE
+}
+
+/** Pure: which exports to create from the arguments, with their names. Exported for tests. */
+export function planExports(files: readonly string[], memory: readonly string[], names: readonly string[], fileExists = existsSync): { kind: 'file' | 'memory'; source: string; name: string }[] {
+  const planned: Planned[] = [];
+  for (const arg of files) {
+    const eq = arg.indexOf('=');
+    if (eq > 0 && !fileExists(arg)) planned.push({ kind: 'file', source: arg.slice(eq + 1), name: arg.slice(0, eq) });
+    else planned.push({ kind: 'file', source: arg, name: undefined });
+  }
+  for (const size of memory) planned.push({ kind: 'memory', source: size, name: undefined });
+  if (planned.length === 0) throw new NbdError('NBD_E_USAGE', 'serve: nothing to serve; give a FILE, NAME=FILE or --memory SIZE');
+  const unnamed = planned.filter((p) => p.name === undefined);
+  if (names.length > unnamed.length) {
+    throw new NbdError('NBD_E_USAGE', `serve: ${names.length} --name given for ${unnamed.length} unnamed export(s); drop the extra --name`);
+  }
+  names.forEach((n, i) => (unnamed[i]!.name = n));
+  const memories = planned.filter((p) => p.kind === 'memory').length;
+  let m = 0;
+  const out = planned.map((p) => {
+    const name = p.name ?? (p.kind === 'file' ? basename(p.source) : memories > 1 ? `memory${m++}` : 'memory');
+    return { kind: p.kind, source: p.source, name };
+  });
+  const seen = new Set<string>();
+  for (const p of out) {
+    if (seen.has(p.name)) throw new NbdError('NBD_E_USAGE', `serve: export name ${JSON.stringify(p.name)} used twice; name exports with --name or NAME=FILE`);
+    seen.add(p.name);
+  }
+  return out;
+}
+
+function describe(e: ServedExport): string {
+  const name = e.name === '' ? '(default)' : e.name;
+  const size = e.backend.description.startsWith('memory') ? '' : `, ${formatSize(e.backend.size)}`;
+  return `${name} (${e.backend.description}${size}${isReadOnly(e) ? ', read-only' : ''})`;
+}
+
+export function register(program: Command): void {
+  program
+    .command('serve')
+    .description('serve files or memory over NBD to any client (qemu, nbdcopy, nbd-client, nbd-attach)')
+    .argument('[files...]', 'FILE or NAME=FILE to export (regular file or block device)')
+    .option('-m, --memory <size>', 'also export a sparse in-memory disk of SIZE (e.g. 1G, 512M); repeatable', collect, [])
+    .option('-N, --name <export>', 'name for the next unnamed export, in order; repeatable (default: file name)', collect, [])
+    .option('-p, --port <n>', `TCP port (default ${DEFAULT_PORT}; 0 picks a free one)`, port)
+    .option('-u, --unix <path>', 'listen on a unix-domain socket instead of TCP')
+    .option('-b, --bind <addr>', 'address to listen on', '127.0.0.1')
+    .option('-r, --read-only', 'refuse writes (clients see NBD_FLAG_READ_ONLY)')
+    .addOption(new Option('--tls [mode]', 'TLS (not supported yet)').hideHelp())
+    .action(async (files: string[], opts: ServeOptions) => {
+      if (opts.tls !== undefined) {
+        throw new NbdError('NBD_E_TLS_UNSUPPORTED', 'serve --tls: TLS is not supported yet; serve on loopback or a unix socket, or use nbdkit --tls');
+      }
+      if (opts.unix !== undefined && opts.port !== undefined) {
+        throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
+      }
+      const plan = planExports(files, opts.memory, opts.name);
+      const exports: ServedExport[] = [];
+      try {
+        for (const p of plan) {
+          if (p.kind === 'file') exports.push(await fileExport(p.source, { name: p.name, readOnly: opts.readOnly ?? false }));
+          else exports.push(memoryExport(parseSize(p.source), { name: p.name, readOnly: opts.readOnly ?? false }));
+        }
+      } catch (err) {
+        await Promise.all(exports.map((e) => e.backend.close().catch(() => undefined)));
+        throw err;
+      }
+      const srv = await startServer({
+        exports,
+        ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
+      });
+      process.stdout.write(`nbd-attach serve: listening on ${srv.address}; exports: ${exports.map(describe).join(', ')}\n`);
+
+      // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.
+      await new Promise<void>((resolve) => {
+        let stopping = false;
+        const stop = (signal: NodeJS.Signals): void => {
+          if (stopping) process.exit(128 + (signal === 'SIGINT' ? 2 : 15));
+          stopping = true;
+          srv.close().then(resolve, (err: unknown) => {
+            process.stderr.write(`nbd-attach: serve: closing: ${(err as Error).message}\n`);
+            resolve();
+          });
+        };
+        process.on('SIGTERM', stop);
+        process.on('SIGINT', stop);
+      });
+    });
+}

@@ -1,0 +1,143 @@
+// The resident supervisor of one device: listens for LINK_DEAD on our index, replaces dead
+// connections (Reconnector), notices when someone else detached the device, answers SIGTERM/SIGINT
+// with a clean disconnect, and keeps the state file current. Kernel, handshake, time and the state
+// writer are injected so unit tests drive it without a kernel.
+
+import { NbdError } from '../errors.ts';
+import type { KernelOps } from './kernel-ops.ts';
+import { type Candidate, Reconnector } from './reconnector.ts';
+import type { Backoff } from './policy.ts';
+
+export interface SupervisorConfig {
+  index: number;
+  device: string;
+  identifier: string | undefined;
+  connections: number;
+  size: bigint;
+  flags: number;
+  deadTimeoutS: number;
+  /** How often to check that the device is still attached (detached from another shell). */
+  watchIntervalMs?: number;
+  backoff?: Backoff;
+}
+
+export interface SupervisorDeps<C extends Candidate> {
+  kernel: KernelOps;
+  now(): number;
+  sleep(ms: number): Promise<void>;
+  random(): number;
+  /** Negotiate a replacement connection. */
+  negotiate(): Promise<C>;
+  /** Hand the candidate's socket to the kernel: take its fd (the candidate no longer owns it). */
+  takeFd(c: C): number;
+  closeFd(fd: number): void;
+  log(message: string): void;
+  /** Persist the visible state (reconnects, last error, live connections). */
+  saveState(s: { reconnects: number; lastError: string | undefined; liveConnections: number; sizeBytes: bigint }): void;
+  /** Repeating timer; returns a cancel function. */
+  every(ms: number, fn: () => void): () => void;
+}
+
+export type SupervisorEnd =
+  | { reason: 'signal'; signal: string; code: 0 }
+  | { reason: 'detached'; code: 0 }
+  | { reason: 'gave-up'; error: NbdError; code: number }
+  | { reason: 'error'; error: Error; code: number };
+
+export class Supervisor<C extends Candidate> {
+  readonly reconnector: Reconnector<C>;
+  private ending = false;
+  private cancelWatch: (() => void) | undefined;
+  private resolveEnd!: (e: SupervisorEnd) => void;
+  /** Settles once, when the supervisor is finished; `code` is the process exit code. */
+  readonly ended: Promise<SupervisorEnd>;
+
+  constructor(
+    private readonly cfg: SupervisorConfig,
+    private readonly deps: SupervisorDeps<C>,
+  ) {
+    this.ended = new Promise((r) => (this.resolveEnd = r));
+    this.reconnector = new Reconnector<C>(
+      {
+        now: deps.now,
+        sleep: deps.sleep,
+        random: deps.random,
+        negotiate: deps.negotiate,
+        reconfigure: async (c, change) => {
+          const fd = deps.takeFd(c);
+          try {
+            await deps.kernel.reconfigure(cfg.index, [fd], {
+              ...(change.sizeBytes !== undefined ? { sizeBytes: change.sizeBytes } : {}),
+              ...(cfg.identifier !== undefined ? { backend: cfg.identifier } : {}),
+            });
+          } finally {
+            deps.closeFd(fd); // the kernel holds its own reference after RECONFIGURE
+          }
+        },
+        log: deps.log,
+        changed: () => this.save(),
+        gaveUp: (error) => this.finish({ reason: 'gave-up', error, code: error.exitCode }),
+      },
+      { deadTimeoutMs: cfg.deadTimeoutS * 1000, size: cfg.size, flags: cfg.flags, connections: cfg.connections, ...(cfg.backoff ? { backoff: cfg.backoff } : {}) },
+    );
+  }
+
+  /** Subscribe to LINK_DEAD and start watching the device. */
+  async start(): Promise<void> {
+    await this.deps.kernel.subscribe((index) => this.onLinkDead(index));
+    this.cancelWatch = this.deps.every(this.cfg.watchIntervalMs ?? 500, () => this.checkDevice());
+    this.save();
+  }
+
+  onLinkDead(index: number): void {
+    if (index !== this.cfg.index || this.ending) return;
+    this.reconnector.linkDead();
+  }
+
+  /** Periodic: the device was detached (nbd-attach -d, another tool) or re-used by someone else. */
+  checkDevice(): void {
+    if (this.ending) return;
+    if (!this.deps.kernel.stillOurs(this.cfg.index, this.cfg.identifier)) {
+      this.deps.log(`${this.cfg.device} was detached: supervisor exiting`);
+      this.finish({ reason: 'detached', code: 0 });
+    }
+  }
+
+  /** SIGTERM/SIGINT: stop reconnecting, disconnect the device cleanly, end with exit code 0. */
+  async terminate(signal: string): Promise<void> {
+    if (this.ending) return;
+    this.ending = true;
+    this.deps.log(`${signal}: disconnecting ${this.cfg.device}`);
+    this.cancelWatch?.();
+    await this.reconnector.stop();
+    try {
+      if (this.deps.kernel.stillOurs(this.cfg.index, this.cfg.identifier)) await this.deps.kernel.disconnect(this.cfg.index);
+    } catch (e) {
+      this.deps.log(`disconnect ${this.cfg.device} failed: ${(e as Error).message}`);
+      this.ending = false;
+      this.finish({ reason: 'error', error: e as Error, code: 5 });
+      return;
+    }
+    this.deps.log(`${this.cfg.device} disconnected`);
+    this.ending = false;
+    this.finish({ reason: 'signal', signal, code: 0 });
+  }
+
+  private finish(e: SupervisorEnd): void {
+    if (this.ending) return;
+    this.ending = true;
+    this.cancelWatch?.();
+    void this.reconnector.stop();
+    this.deps.kernel.close();
+    this.resolveEnd(e);
+  }
+
+  private save(): void {
+    const r = this.reconnector;
+    try {
+      this.deps.saveState({ reconnects: r.reconnects, lastError: r.lastError, liveConnections: this.cfg.connections - r.pending, sizeBytes: r.size });
+    } catch (e) {
+      this.deps.log(`cannot write the state file: ${(e as Error).message}`);
+    }
+  }
+}

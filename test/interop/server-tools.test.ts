@@ -1,0 +1,235 @@
+// `nbd-attach serve` against real NBD clients from Debian (qemu-utils, libnbd-bin): qemu-img,
+// qemu-io, nbdinfo, nbdcopy, all over loopback with a free port.
+
+import assert from 'node:assert/strict';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, it } from 'node:test';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = path.join(REPO, 'bin/nbd-attach.js');
+const STEP_TIMEOUT = 30_000;
+
+const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-serve-tools-'));
+const children = new Set<ChildProcess>();
+after(() => {
+  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  rmSync(dir, { recursive: true, force: true });
+});
+
+interface Served {
+  child: ChildProcess;
+  port: number;
+  line: string;
+  output: () => string;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** Start `nbd-attach serve ARGS --port 0` and wait (bounded) for its "listening on" line. */
+async function serve(args: string[]): Promise<Served> {
+  const child = spawn(process.execPath, [BIN, 'serve', ...args, '--port', '0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(child);
+  let out = '';
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once('exit', (code, signal) => resolve({ code, signal })),
+  );
+  const line = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`serve did not start within 20 s:\n${out}`)), 20_000);
+    const onData = (d: Buffer): void => {
+      out += d;
+      const m = /^nbd-attach serve: listening on .*$/m.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[0]);
+      }
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', (d: Buffer) => (out += d));
+    void exited.then(({ code }) => {
+      clearTimeout(timer);
+      reject(new Error(`serve exited (${code}) before listening:\n${out}`));
+    });
+  });
+  const port = Number(/127\.0\.0\.1:(\d+)/.exec(line)?.[1]);
+  assert.ok(port > 0, line);
+  return { child, port, line, output: () => out, exited };
+}
+
+async function stop(s: Served): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  s.child.kill('SIGTERM');
+  const timer = setTimeout(() => s.child.kill('SIGKILL'), 10_000);
+  const r = await s.exited;
+  clearTimeout(timer);
+  return r;
+}
+
+function run(cmd: string, args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: STEP_TIMEOUT });
+  if (r.error) throw r.error;
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function ok(cmd: string, args: string[]): string {
+  const r = run(cmd, args);
+  assert.equal(r.status, 0, `${cmd} ${args.join(' ')} failed:\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+describe('nbd-attach serve with real clients', { timeout: 180_000 }, () => {
+  const disk = path.join(dir, 'disk.img');
+  const other = path.join(dir, 'other.img');
+  let srv: Served;
+  let base: string;
+
+  before(async () => {
+    writeFileSync(disk, Buffer.alloc(0));
+    truncateSync(disk, 16 << 20);
+    writeFileSync(other, Buffer.alloc(0));
+    truncateSync(other, 8 << 20);
+    srv = await serve([disk, `second=${other}`, '--memory', '32M', '--name', 'first', '--name', 'mem']);
+    base = `nbd://127.0.0.1:${srv.port}`;
+  });
+  after(async () => {
+    if (srv) await stop(srv);
+  });
+
+  it('prints one line with the address and the exports', () => {
+    assert.match(srv.line, /^nbd-attach serve: listening on 127\.0\.0\.1:\d+; exports: first \(file .*disk\.img, 16 MiB\), second \(file .*other\.img, 8 MiB\), mem \(memory 32 MiB\)$/);
+  });
+
+  it('qemu-img info sees the size', () => {
+    const out = ok('qemu-img', ['info', '--output=json', `${base}/first`]);
+    assert.equal(JSON.parse(out)['virtual-size'], 16 << 20);
+  });
+
+  it('qemu-io writes and reads back a pattern; the file holds it', () => {
+    const out = ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 0 1M', '-c', 'read -P 0xab 0 1M', '-c', 'write -z 1M 64k', '-c', 'read -P 0 1M 64k', `${base}/first`]);
+    assert.match(out, /wrote 1048576\/1048576 bytes at offset 0/);
+    assert.match(out, /read 1048576\/1048576 bytes at offset 0/);
+    assert.doesNotMatch(out, /Pattern verification failed/);
+    const onDisk = readFileSync(disk);
+    assert.deepEqual(onDisk.subarray(0, 1 << 20), Buffer.alloc(1 << 20, 0xab));
+  });
+
+  it('qemu-io discard, flush and FUA writes succeed', () => {
+    const out = ok('qemu-io', ['-f', 'raw', '-c', 'write -f -P 0x11 2M 64k', '-c', 'flush', '-c', 'discard 4M 1M', '-c', 'read -P 0x11 2M 64k', `${base}/first`]);
+    assert.doesNotMatch(out, /fail|error/i);
+  });
+
+  it('nbdinfo --list shows every export', () => {
+    const out = JSON.parse(ok('nbdinfo', ['--list', '--json', base])) as { exports: { 'export-name': string; 'export-size': number }[] };
+    assert.deepEqual(
+      out.exports.map((e) => [e['export-name'], e['export-size']]),
+      [['first', 16 << 20], ['second', 8 << 20], ['mem', 32 << 20]],
+    );
+  });
+
+  it('nbdinfo: flags and block sizes of one export', () => {
+    const out = JSON.parse(ok('nbdinfo', ['--json', `${base}/mem`])) as { exports: Record<string, unknown>[]; protocol: string };
+    const e = out.exports[0]!;
+    assert.equal(out.protocol, 'newstyle-fixed');
+    assert.equal(e['export-size'], 32 << 20);
+    assert.equal(e['is_read_only'], false);
+    assert.equal(e['can_flush'], true);
+    assert.equal(e['can_fua'], true);
+    assert.equal(e['can_trim'], true);
+    assert.equal(e['can_zero'], true);
+    assert.equal(e['can_multi_conn'], true);
+    assert.equal(e['block_size_maximum'], 1 << 25);
+    assert.equal(e['description'], 'memory 32 MiB');
+  });
+
+  it('an unknown export is refused with NBD_REP_ERR_UNKNOWN', () => {
+    const r = run('nbdinfo', [`${base}/nope`]);
+    assert.notEqual(r.status, 0);
+    // libnbd maps NBD_REP_ERR_UNKNOWN to ENOENT ("No such file or directory")
+    assert.match(r.stderr, /No such file or directory for export: nope/);
+  });
+
+  it('nbdcopy into the server and back out, checksums equal (memory and file exports)', () => {
+    const src = path.join(dir, 'src.bin');
+    const data = randomBytes(8 << 20);
+    writeFileSync(src, data);
+    for (const name of ['mem', 'second']) {
+      const back = path.join(dir, `back-${name}.bin`);
+      ok('nbdcopy', ['--connections=4', '--requests=32', src, `${base}/${name}`]);
+      ok('nbdcopy', ['--connections=4', '--requests=32', `${base}/${name}`, back]);
+      const got = readFileSync(back).subarray(0, data.length);
+      assert.equal(sha(got), sha(data), name);
+    }
+    assert.equal(sha(readFileSync(other)), sha(data)); // second is exactly 8 MiB: the file is the copy
+  });
+
+  it('nbdcopy of a sparse source: zeros really read back as zeros', () => {
+    const src = path.join(dir, 'sparse.bin');
+    writeFileSync(src, Buffer.alloc(0));
+    truncateSync(src, 8 << 20);
+    ok('nbdcopy', [src, `${base}/second`]); // overwrites the random data with (zero) holes
+    const back = path.join(dir, 'sparse-back.bin');
+    ok('nbdcopy', [`${base}/second`, back]);
+    assert.deepEqual(readFileSync(back), Buffer.alloc(8 << 20));
+  });
+});
+
+describe('nbd-attach serve: defaults, read-only, shutdown, usage', { timeout: 120_000 }, () => {
+  it('one export: reachable by the empty (default) name', async () => {
+    const f = path.join(dir, 'only.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x42));
+    const s = await serve([f]);
+    try {
+      const out = JSON.parse(ok('nbdinfo', ['--json', `nbd://127.0.0.1:${s.port}`])) as { exports: Record<string, unknown>[] };
+      assert.equal(out.exports[0]!['export-size'], 1 << 20);
+      ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x42 0 1M', `nbd://127.0.0.1:${s.port}`]);
+    } finally {
+      assert.equal((await stop(s)).code, 0);
+    }
+  });
+
+  it('--read-only: advertised, and clients refuse to write', async () => {
+    const f = path.join(dir, 'ro.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 7));
+    const s = await serve([f, '--read-only']);
+    try {
+      assert.match(s.line, /read-only\)$/);
+      const out = JSON.parse(ok('nbdinfo', ['--json', `nbd://127.0.0.1:${s.port}/ro.img`])) as { exports: Record<string, unknown>[] };
+      assert.equal(out.exports[0]!['is_read_only'], true);
+      assert.equal(out.exports[0]!['can_trim'], false);
+      const src = path.join(dir, 'x.bin');
+      writeFileSync(src, Buffer.alloc(1 << 20, 1));
+      const r = run('nbdcopy', [src, `nbd://127.0.0.1:${s.port}/ro.img`]);
+      assert.notEqual(r.status, 0);
+      assert.match(r.stderr, /read-only/);
+      assert.deepEqual(readFileSync(f), Buffer.alloc(1 << 20, 7));
+    } finally {
+      await stop(s);
+    }
+  });
+
+  it('SIGTERM: exits 0 after serving, data flushed to the file', async () => {
+    const f = path.join(dir, 'term.img');
+    writeFileSync(f, Buffer.alloc(2 << 20));
+    const s = await serve([f]);
+    ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5e 0 2M', `nbd://127.0.0.1:${s.port}/term.img`]);
+    const r = await stop(s);
+    assert.deepEqual(r, { code: 0, signal: null });
+    assert.deepEqual(readFileSync(f), Buffer.alloc(2 << 20, 0x5e));
+  });
+
+  it('usage errors exit 2 with one line', () => {
+    const tls = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls']);
+    assert.equal(tls.status, 2);
+    assert.match(tls.stderr, /^nbd-attach: serve --tls: TLS is not supported yet/);
+    const missing = run(process.execPath, [BIN, 'serve', path.join(dir, 'missing.img')]);
+    assert.equal(missing.status, 2);
+    assert.match(missing.stderr, /no such file/);
+    const none = run(process.execPath, [BIN, 'serve']);
+    assert.equal(none.status, 2);
+    assert.match(none.stderr, /nothing to serve/);
+  });
+});

@@ -1,0 +1,196 @@
+// nbd-attach against the real kernel nbd driver (run in the VM: test/kernel/run.sh).
+// netlink and ioctl attach with an ext4 round trip and checksums, the auto-picked device,
+// read-only exports and -R — each against a real server (nbdkit, nbd-server, qemu-nbd).
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { cleanup, loadNbd, mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, unloadNbd, waitFor, requireGuest, nbdSizeBytes } from './lib.ts';
+import { attachedDevice, cli, detachEverything, indexOf, show, startForeground, sysPid } from './attach-common.ts';
+
+requireGuest();
+const MiB = 1024 * 1024;
+const mounts: string[] = [];
+
+before(async () => {
+  await loadNbd({ nbds_max: 8 });
+});
+after(async () => {
+  await detachEverything(mounts);
+  await cleanup();
+  await unloadNbd().catch(() => {});
+});
+
+/** mkfs, mount, write files, unmount; returns the files' checksums. */
+async function fillFilesystem(dev: string): Promise<Map<string, string>> {
+  const mnt = await tmpDir('mnt-');
+  mounts.push(mnt);
+  await mustRun('mkfs.ext4', ['-q', '-F', dev], { timeoutMs: 120_000 });
+  await mustRun('mount', [dev, mnt]);
+  const sums = new Map<string, string>();
+  for (const [name, size] of [['a.bin', 3 * MiB], ['b.bin', 123457]] as const) {
+    await mustRun('dd', ['if=/dev/urandom', `of=${join(mnt, name)}`, `bs=${size}`, 'count=1', 'status=none']);
+    sums.set(name, await sha256(join(mnt, name)));
+  }
+  await mustRun('umount', [mnt]);
+  return sums;
+}
+
+async function verifyFilesystem(dev: string, sums: Map<string, string>): Promise<void> {
+  const mnt = await tmpDir('mnt-');
+  mounts.push(mnt);
+  await mustRun('mount', ['-o', 'ro', dev, mnt]);
+  try {
+    for (const [name, sum] of sums) assert.equal(await sha256(join(mnt, name)), sum, `${name} after re-attach`);
+  } finally {
+    await mustRun('umount', [mnt]);
+  }
+}
+
+test('netlink (nbdkit): attach, mkfs.ext4, mount, write, unmount, detach, re-attach, checksums match', async () => {
+  const server = await startNbdkit(['memory', '64M']);
+  const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd1', '-i', 'ktest-netlink']);
+  assert.equal(a.code, 0, show(a));
+  assert.equal(attachedDevice(a.stdout), '/dev/nbd1');
+  assert.match(a.stdout, /^\/dev\/nbd1 attached: 64 MiB \(67108864 bytes\), export \(default\), block size \d+, netlink\b/);
+  // Ready on return: size and pid already there (no race with mount).
+  assert.equal(nbdSizeBytes(1), 64 * MiB);
+  assert.ok(sysPid(1), 'pid present on return');
+  assert.equal(readFileSync('/sys/block/nbd1/backend', 'utf8').trim(), 'ktest-netlink');
+  const sums = await fillFilesystem('/dev/nbd1');
+  const devSum = await sha256('/dev/nbd1');
+  const d = await cli(['-d', '/dev/nbd1']);
+  assert.equal(d.code, 0, show(d));
+  assert.equal(sysPid(1), undefined);
+  // Re-attach the same export (nbdkit memory keeps its data while it runs) to the same device.
+  const b = await cli(['127.0.0.1', String(server.port), 'nbd1']);
+  assert.equal(b.code, 0, show(b));
+  assert.equal(await sha256('/dev/nbd1'), devSum);
+  await verifyFilesystem('/dev/nbd1', sums);
+  const d2 = await cli(['detach', 'nbd1']);
+  assert.equal(d2.code, 0, show(d2));
+});
+
+test('ioctl -L (nbd-server): attach in the foreground, ext4 round trip, detach ends it, re-attach, checksums match', async () => {
+  const file = await tmpFile(64 * MiB);
+  const server = await startNbdServer(`[disk]\nexportname = ${file}\n`);
+  const fg = await startForeground(['-N', 'disk', '-L', '127.0.0.1', String(server.port), '/dev/nbd2']);
+  assert.equal(fg.device, '/dev/nbd2');
+  assert.match(fg.stdout(), /export 'disk', block size \d+, ioctl\n/);
+  assert.equal(nbdSizeBytes(2), 64 * MiB);
+  const pid = sysPid(2);
+  assert.ok(pid, 'pid present on return');
+  // The pid in sysfs is the DO_IT thread of the nbd-attach process.
+  assert.ok(existsSync(`/proc/${fg.child.pid}/task/${pid}`), `sysfs pid ${pid} is a thread of nbd-attach ${fg.child.pid}`);
+  const c = await cli(['-c', '/dev/nbd2']);
+  assert.equal(c.code, 0, show(c));
+  assert.equal(c.stdout.trim(), pid);
+  // A signal aimed at the DO_IT thread itself must not tear the device down: that thread blocks them all.
+  // tgkill(tgid, tid, SIGUSR2) (x86_64 syscall 234): unblocked, SIGUSR2 would kill the whole process.
+  await mustRun('perl', ['-e', `syscall(234, ${fg.child.pid}, ${pid}, 12) == 0 or die "tgkill: $!"`]);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(fg.child.exitCode, null, 'nbd-attach still running after SIGUSR2 to the DO_IT thread');
+  const status = readFileSync(`/proc/${fg.child.pid}/task/${pid}/status`, 'utf8');
+  const mask = (field: string): bigint => BigInt(`0x${new RegExp(`^${field}:\\s*([0-9a-f]+)$`, 'm').exec(status)![1]}`);
+  const bit = (sig: number): bigint => 1n << BigInt(sig - 1);
+  for (const sig of [1, 2, 12, 15]) assert.equal(mask('SigBlk') & bit(sig), bit(sig), `DO_IT thread blocks signal ${sig}`);
+  assert.equal(mask('SigPnd') & bit(12), bit(12), 'SIGUSR2 waits, blocked, on the DO_IT thread');
+  assert.equal(sysPid(2), pid, 'still attached after the signal');
+  const sums = await fillFilesystem('/dev/nbd2');
+  assert.equal(sysPid(2), pid, 'still attached after signals and I/O');
+  const d = await cli(['-d', '/dev/nbd2']);
+  assert.equal(d.code, 0, show(d));
+  const ended = await fg.exit;
+  assert.equal(ended.code, 0, `foreground attach exit: ${JSON.stringify(ended)}\n${fg.stderr()}`);
+  assert.equal(sysPid(2), undefined);
+  // Re-attach with --ioctl and check the data came back from the server's file.
+  const fg2 = await startForeground(['--name', 'disk', '--ioctl', '127.0.0.1', String(server.port), '/dev/nbd2']);
+  await verifyFilesystem('/dev/nbd2', sums);
+  assert.equal(await sha256('/dev/nbd2'), await sha256(file));
+  // SIGTERM to the foreground process: a clean disconnect, exit 0, device free.
+  process.kill(fg2.child.pid!, 'SIGTERM');
+  const ended2 = await fg2.exit;
+  assert.equal(ended2.code, 0, fg2.stderr());
+  assert.match(fg2.stderr(), /disconnected/);
+  await waitFor(() => sysPid(2) === undefined, 10_000, { what: 'nbd2 free after SIGTERM' });
+});
+
+test('auto-picked device (qemu-nbd): no device argument, the kernel picks one and we print it', async () => {
+  const file = await tmpFile(32 * MiB, { random: true });
+  const server = await startQemuNbd(['-f', 'raw', '-t', '-e', '4', file]);
+  const a = await cli(['127.0.0.1:' + server.port]);
+  assert.equal(a.code, 0, show(a));
+  const dev = attachedDevice(a.stdout);
+  assert.match(dev, /^\/dev\/nbd\d+$/);
+  const idx = indexOf(dev);
+  assert.ok(sysPid(idx), `${dev} attached`);
+  assert.equal(nbdSizeBytes(idx), 32 * MiB);
+  assert.equal(await sha256(dev), await sha256(file));
+  // A second auto-pick gets a different device.
+  const b = await cli(['127.0.0.1:' + server.port]);
+  assert.equal(b.code, 0, show(b));
+  const dev2 = attachedDevice(b.stdout);
+  assert.notEqual(dev2, dev);
+  for (const x of [dev, dev2]) {
+    const d = await cli(['detach', x]);
+    assert.equal(d.code, 0, show(d));
+  }
+});
+
+/** Writing must fail, the kernel must mark the disk read-only and the server's data must not change. */
+async function assertWritesRefused(dev: string, before: string, serverData: () => Promise<string>): Promise<void> {
+  const idx = indexOf(dev);
+  assert.equal(readFileSync(`/sys/block/nbd${idx}/ro`, 'utf8').trim(), '1', 'sysfs ro');
+  const w = await run('dd', ['if=/dev/zero', `of=${dev}`, 'bs=4096', 'count=4', 'oflag=direct', 'conv=notrunc', 'status=none']);
+  assert.notEqual(w.code, 0, `dd to a read-only device must fail: ${w.stderr}`);
+  const m = await run('mkfs.ext4', ['-q', '-F', dev]);
+  assert.notEqual(m.code, 0, 'mkfs on a read-only device must fail');
+  assert.equal(await serverData(), before, 'server data unchanged');
+}
+
+test('read-only export (nbdkit -r): the kernel refuses writes', async () => {
+  const file = await tmpFile(16 * MiB, { random: true });
+  const sum = await sha256(file);
+  const server = await startNbdkit(['-r', 'file', file]);
+  const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd3']);
+  assert.equal(a.code, 0, show(a));
+  assert.match(a.stdout, /read-only, netlink/);
+  assert.equal(await sha256('/dev/nbd3'), sum);
+  await assertWritesRefused('/dev/nbd3', sum, () => sha256(file));
+  assert.equal((await cli(['-d', '/dev/nbd3'])).code, 0);
+});
+
+test('-R on a writable export (netlink and ioctl): the kernel refuses writes', async () => {
+  const file = await tmpFile(16 * MiB, { random: true });
+  const sum = await sha256(file);
+  const server = await startQemuNbd(['-f', 'raw', '-t', '-e', '4', file]);
+  const a = await cli(['-R', '127.0.0.1', String(server.port), '/dev/nbd4']);
+  assert.equal(a.code, 0, show(a));
+  assert.match(a.stdout, /read-only, netlink/);
+  await assertWritesRefused('/dev/nbd4', sum, () => sha256(file));
+  assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
+  const fg = await startForeground(['-R', '-L', '127.0.0.1', String(server.port), '/dev/nbd4']);
+  assert.match(fg.stdout(), /read-only, ioctl/);
+  await assertWritesRefused('/dev/nbd4', sum, () => sha256(file));
+  assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
+  assert.equal((await fg.exit).code, 0);
+});
+
+test('block size: the server preference is used, -b overrides, a conflict is explained', async () => {
+  const server = await startNbdkit(['--filter=blocksize-policy', 'memory', '8M', 'blocksize-preferred=4096', 'blocksize-minimum=512']);
+  const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd5']);
+  assert.equal(a.code, 0, show(a));
+  assert.match(a.stdout, /block size 4096/);
+  assert.equal(readFileSync('/sys/block/nbd5/queue/logical_block_size', 'utf8').trim(), '4096');
+  assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
+  const b = await cli(['-b', '1024', '127.0.0.1', String(server.port), '/dev/nbd5']);
+  assert.equal(b.code, 0, show(b));
+  assert.equal(readFileSync('/sys/block/nbd5/queue/logical_block_size', 'utf8').trim(), '1024');
+  assert.match(b.stderr, /using block size 1024 \(-b\); the server prefers 4096/);
+  assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
+  const strict = await startNbdkit(['--filter=blocksize-policy', 'memory', '8M', 'blocksize-minimum=2048', 'blocksize-preferred=4096']);
+  const c = await cli(['-b', '512', '127.0.0.1', String(strict.port), '/dev/nbd5']);
+  assert.equal(c.code, 5, show(c));
+  assert.match(c.stderr, /below the server's minimum of 2048: use -b 2048/);
+  assert.equal(sysPid(5), undefined, 'nothing attached after the refusal');
+});

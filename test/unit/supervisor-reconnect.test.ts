@@ -1,0 +1,351 @@
+// The reconnect engine and the supervisor, driven with a fake clock, fake handshakes and a fake
+// kernel: backoff caps and jitter bounds, size change → RECONFIGURE with SIZE, vanished export →
+// give up only after the dead timeout, multi-conn: one replacement per LINK_DEAD, SIGTERM → DISCONNECT.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { NbdError } from '../../src/errors.ts';
+import { TransmissionFlag } from '../../src/protocol/constants.ts';
+import { DEFAULT_BACKOFF, backoffDelay, flagsProblem } from '../../src/supervisor/policy.ts';
+import { type Candidate, Reconnector } from '../../src/supervisor/reconnector.ts';
+import { Supervisor } from '../../src/supervisor/supervisor.ts';
+import type { KernelOps } from '../../src/supervisor/kernel-ops.ts';
+
+const FLAGS = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_TRIM | TransmissionFlag.CAN_MULTI_CONN;
+
+// ---- backoff ----
+
+test('backoff: doubles from the initial delay and never exceeds the cap', () => {
+  const b = { initialMs: 50, maxMs: 1000, factor: 2 };
+  assert.equal(backoffDelay(0, 0.999999, b), 50);
+  assert.equal(backoffDelay(1, 0.999999, b), 100);
+  assert.equal(backoffDelay(4, 0.999999, b), 800);
+  for (let n = 5; n < 200; n++) assert.ok(backoffDelay(n, 0.999999, b) <= 1000, `attempt ${n}`);
+  assert.equal(backoffDelay(100, 0.999999, b), 1000);
+});
+
+test('backoff: jitter stays within [d/2, d] and actually varies', () => {
+  const seen = new Set<number>();
+  for (let i = 0; i < 1000; i++) {
+    const r = (i * 7919) % 1000 / 1000;
+    const d = backoffDelay(10, r, DEFAULT_BACKOFF);
+    assert.ok(d >= DEFAULT_BACKOFF.maxMs / 2 && d <= DEFAULT_BACKOFF.maxMs, `delay ${d}`);
+    seen.add(d);
+  }
+  assert.ok(seen.size > 100, 'jitter spreads the delays');
+  assert.equal(backoffDelay(3, 0, { initialMs: 100, maxMs: 10_000, factor: 2 }), 400);
+});
+
+test('flags: losing a command the kernel uses, or gaining read-only, is refused; gaining flags is fine', () => {
+  assert.equal(flagsProblem(FLAGS, FLAGS, 1), undefined);
+  assert.equal(flagsProblem(FLAGS, FLAGS | TransmissionFlag.SEND_FUA, 1), undefined);
+  assert.match(flagsProblem(FLAGS, FLAGS | TransmissionFlag.READ_ONLY, 1)!, /read-only/);
+  assert.match(flagsProblem(FLAGS, FLAGS & ~TransmissionFlag.SEND_TRIM, 1)!, /no longer supports/);
+  assert.equal(flagsProblem(FLAGS, FLAGS & ~TransmissionFlag.CAN_MULTI_CONN, 1), undefined);
+  assert.match(flagsProblem(FLAGS, FLAGS & ~TransmissionFlag.CAN_MULTI_CONN, 4)!, /CAN_MULTI_CONN/);
+});
+
+// ---- a fake world ----
+
+interface FakeCand extends Candidate {
+  id: number;
+  discarded: boolean;
+}
+
+class World {
+  t = 1_000_000;
+  sleeps: number[] = [];
+  logs: string[] = [];
+  reconfigured: { id: number; sizeBytes?: bigint }[] = [];
+  /** Script of handshake outcomes; when empty: success with the default size/flags. */
+  script: (Error | { size?: bigint; flags?: number })[] = [];
+  made: FakeCand[] = [];
+  rand = 0.5;
+  size = 64n << 20n;
+  flags = FLAGS;
+  reconfigureError: Error | undefined;
+  negotiateMs = 5;
+
+  deps() {
+    return {
+      now: () => this.t,
+      sleep: async (ms: number) => {
+        this.sleeps.push(ms);
+        this.t += ms;
+      },
+      random: () => this.rand,
+      negotiate: async (): Promise<FakeCand> => {
+        this.t += this.negotiateMs;
+        const step = this.script.shift();
+        if (step instanceof Error) throw step;
+        const c: FakeCand = {
+          id: this.made.length,
+          size: step?.size ?? this.size,
+          flags: step?.flags ?? this.flags,
+          discarded: false,
+          discard() {
+            this.discarded = true;
+          },
+        };
+        this.made.push(c);
+        return c;
+      },
+      reconfigure: async (c: FakeCand, change: { sizeBytes?: bigint }) => {
+        if (this.reconfigureError) throw this.reconfigureError;
+        this.reconfigured.push({ id: c.id, ...change });
+      },
+      log: (m: string) => void this.logs.push(m),
+    };
+  }
+}
+
+const refused = (): NbdError => new NbdError('NBD_E_CONNECT', 'cannot connect to 127.0.0.1:1: connection refused');
+const unknown = (): NbdError => new NbdError('NBD_E_EXPORT_UNKNOWN', "the server has no export named 'disk'");
+
+test('one LINK_DEAD: retries with capped, growing backoff until the server is back, then one RECONFIGURE', async () => {
+  const w = new World();
+  w.script = Array.from({ length: 12 }, refused);
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.reconnects, 1);
+  assert.equal(r.pending, 0);
+  assert.equal(r.attempts, 13);
+  assert.deepEqual(w.reconfigured, [{ id: 0 }]);
+  assert.equal(w.sleeps.length, 12);
+  // rand 0.5 → 3/4 of the uncapped delay: 38, 75, 150, 300, 600, then 750 (cap 1000) for ever.
+  assert.deepEqual(w.sleeps.slice(0, 6), [38, 75, 150, 300, 600, 750]);
+  assert.ok(w.sleeps.every((s) => s <= DEFAULT_BACKOFF.maxMs));
+  assert.equal(r.outageSince, undefined);
+  assert.match(r.lastError ?? '', /connection refused/);
+  assert.ok(w.logs.some((l) => /reconnected after \d+ ms/.test(l)));
+});
+
+test('connection refusals keep being retried long past the dead timeout (the device recovers later)', async () => {
+  const w = new World();
+  w.script = Array.from({ length: 200 }, refused); // ~150 s of refusals
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 10_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.isStopped, false);
+  assert.equal(r.reconnects, 1);
+  assert.ok(w.t - 1_000_000 > 100_000, 'simulated outage was longer than the dead timeout');
+});
+
+test('vanished export: retried until the dead timeout has passed since the outage, then gives up', async () => {
+  const w = new World();
+  w.script = Array.from({ length: 1000 }, unknown);
+  let gaveUp: NbdError | undefined;
+  const start = w.t;
+  const r = new Reconnector({ ...w.deps(), gaveUp: (e) => void (gaveUp = e) }, { deadTimeoutMs: 30_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.isStopped, true);
+  assert.ok(gaveUp instanceof NbdError);
+  assert.equal(gaveUp.code, 'NBD_E_EXPORT_UNKNOWN');
+  assert.match(gaveUp.message, /giving up after 3\d s \(dead timeout 30 s\)/);
+  const elapsed = w.t - start;
+  assert.ok(elapsed >= 30_000 && elapsed < 32_000, `gave up at ${elapsed} ms`);
+  assert.equal(w.reconfigured.length, 0);
+  assert.equal(r.failure, gaveUp);
+  // Stopped for good: a later LINK_DEAD does nothing.
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.pending, 1);
+});
+
+test('vanished export that comes back before the dead timeout: reconnects', async () => {
+  const w = new World();
+  w.script = [unknown(), unknown(), unknown(), refused()];
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 30_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.isStopped, false);
+  assert.equal(r.reconnects, 1);
+});
+
+test('size changed: RECONFIGURE carries the new SIZE and it is logged', async () => {
+  const w = new World();
+  w.script = [{ size: 128n << 20n }];
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: 64n << 20n, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.deepEqual(w.reconfigured, [{ id: 0, sizeBytes: 128n << 20n }]);
+  assert.equal(r.size, 128n << 20n);
+  assert.ok(w.logs.some((l) => /size changed from 67108864 to 134217728/.test(l)));
+  // Same size the next time: no SIZE attribute.
+  w.script = [{ size: 128n << 20n }];
+  r.linkDead();
+  await r.idle();
+  assert.deepEqual(w.reconfigured[1], { id: 1 });
+});
+
+test('flags changed incompatibly: the connection is discarded, never given to the kernel', async () => {
+  const w = new World();
+  w.script = [{ flags: FLAGS | TransmissionFlag.READ_ONLY }, {}];
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.made[0]!.discarded, true);
+  assert.deepEqual(w.reconfigured, [{ id: 1 }]);
+  assert.match(w.logs.join('\n'), /read-only/);
+});
+
+test('RECONFIGURE refused: the candidate is discarded and the attempt retried', async () => {
+  const w = new World();
+  w.reconfigureError = new Error('netlink NBD_CMD_RECONFIGURE failed: EINVAL');
+  const r = new Reconnector({ ...w.deps(), sleep: async (ms) => {
+    w.t += ms;
+    w.reconfigureError = undefined;
+  } }, { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.made[0]!.discarded, true);
+  assert.deepEqual(w.reconfigured, [{ id: 1 }]);
+  assert.match(r.lastError ?? '', /EINVAL/);
+});
+
+test('multi-conn: each LINK_DEAD replaces exactly one connection; extra LINK_DEADs are capped', async () => {
+  const w = new World();
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 4 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.reconfigured.length, 1);
+  r.linkDead();
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.reconfigured.length, 3);
+  assert.equal(r.reconnects, 3);
+  for (let i = 0; i < 6; i++) r.linkDead();
+  assert.equal(r.pending, 4);
+  await r.idle();
+  assert.equal(w.reconfigured.length, 7);
+  assert.equal(new Set(w.reconfigured.map((x) => x.id)).size, 7, 'one fresh connection per replacement');
+});
+
+test('stop() during an outage ends the loop without handing anything to the kernel', async () => {
+  const w = new World();
+  w.script = Array.from({ length: 5 }, refused);
+  let r!: Reconnector<FakeCand>;
+  let sleeps = 0;
+  r = new Reconnector({ ...w.deps(), sleep: async (ms) => {
+    w.t += ms;
+    if (++sleeps === 2) void r.stop();
+  } }, { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(r.isStopped, true);
+  assert.equal(w.reconfigured.length, 0);
+  assert.equal(r.attempts, 2);
+});
+
+// ---- the supervisor with a fake kernel ----
+
+class FakeKernel implements KernelOps {
+  handler: ((i: number) => void) | undefined;
+  reconfigures: { index: number; fds: readonly number[]; change: { sizeBytes?: bigint; backend?: string } }[] = [];
+  disconnects: number[] = [];
+  attached = true;
+  closed = false;
+  async subscribe(h: (i: number) => void): Promise<void> {
+    this.handler = h;
+  }
+  async reconfigure(index: number, fds: readonly number[], change: { sizeBytes?: bigint; backend?: string }): Promise<void> {
+    this.reconfigures.push({ index, fds, change });
+  }
+  async disconnect(index: number): Promise<void> {
+    this.disconnects.push(index);
+    this.attached = false;
+  }
+  stillOurs(): boolean {
+    return this.attached;
+  }
+  close(): void {
+    this.closed = true;
+  }
+}
+
+function makeSupervisor(w: World, k: FakeKernel, connections = 1) {
+  const closed: number[] = [];
+  const states: { reconnects: number; liveConnections: number }[] = [];
+  let tick: (() => void) | undefined;
+  const d = w.deps();
+  const sup = new Supervisor<FakeCand>(
+    { index: 3, device: '/dev/nbd3', identifier: 'id-1', connections, size: w.size, flags: FLAGS, deadTimeoutS: 60 },
+    {
+      kernel: k,
+      now: d.now,
+      sleep: d.sleep,
+      random: d.random,
+      negotiate: d.negotiate,
+      takeFd: (c) => 100 + c.id,
+      closeFd: (fd) => void closed.push(fd),
+      log: d.log,
+      saveState: (s) => void states.push({ reconnects: s.reconnects, liveConnections: s.liveConnections }),
+      every: (_ms, fn) => {
+        tick = fn;
+        return () => (tick = undefined);
+      },
+    },
+  );
+  return { sup, closed, states, tick: () => tick?.() };
+}
+
+test('supervisor: LINK_DEAD for another device is ignored; ours → RECONFIGURE with our index and identifier', async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const { sup, closed, states } = makeSupervisor(w, k);
+  await sup.start();
+  k.handler!(7);
+  await sup.reconnector.idle();
+  assert.equal(k.reconfigures.length, 0);
+  k.handler!(3);
+  await sup.reconnector.idle();
+  assert.deepEqual(k.reconfigures, [{ index: 3, fds: [100], change: { backend: 'id-1' } }]);
+  assert.deepEqual(closed, [100], 'our copy of the fd is closed after RECONFIGURE');
+  assert.deepEqual(states.at(-1), { reconnects: 1, liveConnections: 1 });
+  assert.ok(states.some((s) => s.liveConnections === 0), 'the outage was recorded');
+});
+
+test('supervisor: SIGTERM stops reconnecting, sends DISCONNECT for our device and ends with code 0', async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const { sup } = makeSupervisor(w, k);
+  await sup.start();
+  await sup.terminate('SIGTERM');
+  const end = await sup.ended;
+  assert.equal(end.reason, 'signal');
+  assert.equal(end.code, 0);
+  assert.deepEqual(k.disconnects, [3]);
+  assert.equal(k.closed, true);
+  k.handler!(3); // late LINK_DEAD after shutdown
+  await sup.reconnector.idle();
+  assert.equal(k.reconfigures.length, 0);
+});
+
+test('supervisor: a device detached by someone else ends it cleanly, without DISCONNECT', async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const { sup, tick } = makeSupervisor(w, k);
+  await sup.start();
+  tick();
+  k.attached = false;
+  tick();
+  const end = await sup.ended;
+  assert.equal(end.reason, 'detached');
+  assert.equal(end.code, 0);
+  assert.deepEqual(k.disconnects, []);
+});
+
+test('supervisor: giving up (export gone past the dead timeout) ends with the error exit code', async () => {
+  const w = new World();
+  w.script = Array.from({ length: 1000 }, unknown);
+  const k = new FakeKernel();
+  const { sup } = makeSupervisor(w, k);
+  await sup.start();
+  k.handler!(3);
+  const end = await sup.ended;
+  assert.equal(end.reason, 'gave-up');
+  assert.equal(end.code, 4);
+  assert.deepEqual(k.disconnects, [], 'the device is left for the admin to inspect or detach');
+});
