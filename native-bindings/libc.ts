@@ -32,6 +32,7 @@ export class SyscallError extends Error {
 interface Bindings {
   koffi: Koffi;
   socket: Fn;
+  socketpair: Fn;
   bind: Fn;
   sendto: Fn;
   recv: Fn;
@@ -67,6 +68,7 @@ function lib(): Bindings {
   bindings = {
     koffi,
     socket: f('int socket(int domain, int type, int protocol)'),
+    socketpair: f('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
     bind: f('int bind(int fd, const void *addr, uint32_t addrlen)'),
     sendto: f('intptr_t sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32_t addrlen)'),
     recv: f('intptr_t recv(int fd, _Out_ void *buf, size_t len, int flags)'),
@@ -107,6 +109,15 @@ function check(ret: unknown, what: string): number {
 
 export function socket(domain: number, type: number, protocol: number): number {
   return check(lib().socket(domain, type, protocol), 'socket');
+}
+/**
+ * socketpair(2): two connected sockets, returned as [a, b]. `type` may carry SOCK_CLOEXEC.
+ * Used by local attach (`--file`/`--memory`): one end for the in-process server, one for the kernel.
+ */
+export function socketpair(domain: number, type: number, protocol = 0): [number, number] {
+  const sv = new Int32Array(2);
+  check(lib().socketpair(domain, type, protocol, sv), 'socketpair');
+  return [sv[0]!, sv[1]!];
 }
 export function bind(fd: number, addr: Uint8Array): void {
   check(lib().bind(fd, addr, addr.length), 'bind');

@@ -3,17 +3,19 @@
 
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { looksLikePort } from '../address.ts';
-import { negotiate } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
 import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { parseDeviceName } from '../kernel/device.ts';
-import { type ServerOptions, addServerOptions, formatSize, resolveTarget } from './common.ts';
+import { type ServerOptions, addServerOptions, formatSize } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
-import { type SupervisedAttachOptions, runSupervisedAttach } from '../supervisor/run.ts';
+import { type SupervisedAttachOptions, openSource, runSupervisedAttach } from '../supervisor/run.ts';
+import type { ConnectionSource } from '../supervisor/source.ts';
 
 export interface AttachCliOptions extends ServerOptions {
   optgo: boolean;
-  blockSize?: number;
+  file?: string;
+  memory?: string;
+  blockSize?: number | 'preferred';
   timeout?: number;
   identifier?: string;
   readOnly?: boolean;
@@ -51,7 +53,11 @@ export function splitPositionals(args: readonly (string | undefined)[], unix: bo
 
 export function addKernelOptions(cmd: Command): Command {
   return cmd
-    .addOption(new Option('-b, --block-size <bytes>', 'block size for the device (default: the server\'s preferred size, else 512)').argParser(positiveInt('block size', 1 << 20)))
+    .addOption(
+      new Option('-b, --block-size <bytes>', "device sector size: 512..page size, or 'preferred' for the server's preferred size (default 512, or the server's minimum when larger)").argParser(
+        (text: string): number | 'preferred' => (text === 'preferred' ? 'preferred' : positiveInt('block size', 1 << 20)(text)),
+      ),
+    )
     .addOption(new Option('-t, --timeout <seconds>', 'request timeout: the kernel drops a connection whose request takes longer').argParser(positiveInt('timeout', 0x7fffffff)))
     .option('-i, --identifier <id>', 'backend identifier shown in /sys/block/nbdN/backend (default: random)')
     .option('-R, --read-only', 'attach read-only (the kernel refuses writes)')
@@ -65,48 +71,58 @@ export function register(program: Command): void {
       .argument('[host]', 'HOST, HOST:PORT, [IPv6]:PORT or nbd:// URI')
       .argument('[port]', 'port, when given separately (nbd-client form HOST PORT DEV)')
       .argument('[device]', '/dev/nbdN, nbdN or any block node of major 43 (default: a free device)')
-      .option('-g, --no-optgo', 'negotiate with NBD_OPT_EXPORT_NAME only (very old servers)'),
+      .option('-g, --no-optgo', 'negotiate with NBD_OPT_EXPORT_NAME only (very old servers)')
+      .option('--file <image>', 'local attach: serve IMAGE from this process on a socketpair (no server needed)')
+      .option('--memory <size>', 'local attach: serve a sparse in-memory disk of SIZE (e.g. 1G) from this process'),
   )).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, opts: AttachCliOptions) => {
     // netlink: stay resident and reconnect (src/supervisor/); -L keeps the foreground ioctl path below.
     if (opts.ioctl !== true) return runSupervisedAttach([a1, a2, a3], opts as AttachCliOptions & SupervisedAttachOptions);
-    const { host, port, device } = splitPositionals([a1, a2, a3], opts.unix !== undefined);
-    const { target, exportName } = resolveTarget(host, port, opts);
-    const useIoctl = opts.ioctl === true;
-    await preflight({ device, useIoctl });
-    const conn = await negotiate(target, { exportName, noOptGo: opts.optgo === false, timeoutMs: opts.connectTimeout });
-    const notice = (m: string): void => {
-      process.stderr.write(`nbd-attach: note: ${m}\n`);
-    };
-    const r = await attach({
-      connections: [conn],
-      device,
-      blockSize: opts.blockSize,
-      readOnly: opts.readOnly === true,
-      timeout: opts.timeout,
-      identifier: opts.identifier,
-      useIoctl,
-      notice,
-    });
-    const name = conn.info.name === '' ? '(default)' : `'${conn.info.name}'`;
-    process.stdout.write(
-      `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), export ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
-    );
-    if (r.done) {
-      // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
-      // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
-      const onSignal = (sig: NodeJS.Signals): void => {
-        notice(`${sig}: disconnecting ${r.device}`);
-        try {
-          ioctlDisconnect(r.device);
-        } catch (e) {
-          process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
-        }
-      };
-      for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
-      const end = await r.done;
-      for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
-      if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
-      process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
+    const { source, device } = await openSource([a1, a2, a3], opts);
+    try {
+      await attachIoctl(source, device, opts);
+    } finally {
+      await source.close();
     }
   });
+}
+
+/** -L: this process holds the device through NBD_DO_IT; no netlink, so no supervised reconnect. */
+async function attachIoctl(source: ConnectionSource, device: string | undefined, opts: AttachCliOptions): Promise<void> {
+  const useIoctl = true;
+  await preflight({ device, useIoctl });
+  const conn = await source.connect(opts.connectTimeout);
+  const notice = (m: string): void => {
+    process.stderr.write(`nbd-attach: note: ${m}\n`);
+  };
+  const r = await attach({
+    connections: [conn],
+    device,
+    blockSize: opts.blockSize,
+    readOnly: opts.readOnly === true,
+    timeout: opts.timeout,
+    identifier: opts.identifier,
+    useIoctl,
+    notice,
+  });
+  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}`;
+  process.stdout.write(
+    `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
+  );
+  if (r.done) {
+    // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
+    // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
+    const onSignal = (sig: NodeJS.Signals): void => {
+      notice(`${sig}: disconnecting ${r.device}`);
+      try {
+        ioctlDisconnect(r.device);
+      } catch (e) {
+        process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
+      }
+    };
+    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
+    const end = await r.done;
+    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
+    if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
+    process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
+  }
 }

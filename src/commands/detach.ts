@@ -3,6 +3,27 @@
 
 import type { Command } from 'commander';
 import { detach } from '../kernel/attach.ts';
+import { pidAlive, readState } from '../supervisor/state.ts';
+
+/** How long `detach` waits for the device's supervisor to finish (flush a local image, exit). */
+const SUPERVISOR_EXIT_WAIT_MS = 15_000;
+
+/**
+ * After the kernel let go, wait (bounded) for the supervisor of the device to exit, so that when
+ * `nbd-attach -d` returns a local image (`--file`) is flushed and closed and nothing is left running.
+ */
+async function waitForSupervisor(index: number, device: string): Promise<void> {
+  const s = readState(index);
+  if (!s || s.pid === process.pid || !pidAlive(s.pid)) return;
+  const deadline = Date.now() + SUPERVISOR_EXIT_WAIT_MS;
+  while (pidAlive(s.pid)) {
+    if (Date.now() >= deadline) {
+      process.stderr.write(`nbd-attach: note: ${device} is detached, but its supervisor (pid ${s.pid}) has not exited yet; see ${s.logFile ?? 'its log'}\n`);
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
 
 export function register(program: Command): void {
   program
@@ -20,7 +41,10 @@ export function register(program: Command): void {
           useIoctl: opts.ioctl === true,
           notice: (m) => process.stderr.write(`nbd-attach: note: ${m}\n`),
         });
-        if (r.wasAttached) process.stdout.write(`${r.device} detached\n`);
+        if (r.wasAttached) {
+          await waitForSupervisor(r.index, r.device);
+          process.stdout.write(`${r.device} detached\n`);
+        }
         else process.stderr.write(`nbd-attach: ${r.device} was not attached\n`);
       }
     });

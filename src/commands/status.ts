@@ -17,6 +17,8 @@ export interface DeviceStatusEntry {
   identifier?: string;
   server?: string;
   export?: string;
+  /** Local attach (--file/--memory): `server` is "local file PATH" or "local memory SIZE". */
+  local?: boolean;
   connections?: { live: number; total: number };
   /** Supervisor process id while it runs; null when its state says it stopped or it died. */
   supervisorPid?: number | null;
@@ -38,6 +40,7 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
   if (s && (st.backend === undefined || s.identifier === st.backend)) {
     e.server = s.server;
     e.export = s.export;
+    if (s.local) e.local = true;
     e.connections = { live: e.attached ? s.liveConnections : 0, total: s.connections };
     e.supervisorPid = s.pid > 0 && alive(s.pid) ? s.pid : null;
     e.reconnects = s.reconnects;
@@ -53,9 +56,11 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
 export function formatStatus(e: DeviceStatusEntry): string {
   if (!e.attached) return `${e.device}: not attached${e.lastError ? ` (last error: ${e.lastError})` : ''}`;
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
-  if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}`);
+  if (e.local && e.server !== undefined) parts.push(`served from ${e.server} by its supervisor`);
+  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}`);
   if (e.connections) parts.push(`connections ${e.connections.live}/${e.connections.total}`);
-  parts.push(e.supervisorPid ? `supervisor pid ${e.supervisorPid}` : 'no supervisor (adopt it with nbd-attach --reattach)');
+  if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
+  else parts.push(e.local ? 'no supervisor (its server is gone: detach it)' : 'no supervisor (adopt it with nbd-attach --reattach)');
   if (e.reconnects !== undefined) parts.push(`reconnects ${e.reconnects}`);
   parts.push(`last error: ${e.lastError ?? 'none'}`);
   return parts.join(', ');

@@ -47,7 +47,7 @@ export interface AttachOptions {
   /** /dev/nbdN, nbdN or a major-43 node; omitted: the kernel (netlink) or we (ioctl) pick a free one. */
   device?: string | undefined;
   /** -b */
-  blockSize?: number | undefined;
+  blockSize?: number | 'preferred' | undefined;
   /** -R */
   readOnly: boolean;
   /** -t: request timeout in seconds (0/undefined: none). */
@@ -290,6 +290,7 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
       throw new NbdError('NBD_E_KERNEL_TIMEOUT', `attach: ${device} did not become ready within ${readyTimeout} ms (no pid/size in /sys/block/nbd${index}): disconnected it again; see dmesg`);
     }
     nl!.close();
+    await scanPartitions(device);
     debug('attached %s via netlink', device);
     return { index, device, interface: 'netlink', blockSize, sizeBytes: info.size, readOnly, identifier };
   }
@@ -299,6 +300,32 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
   if (opts.deadConnTimeout) notice('the dead-connection timeout is ignored with the ioctl interface');
   if (fds.length > 1) notice(`the ioctl interface is used with one connection; ${fds.length - 1} more closed`);
   return ioctlAttach({ dev: dev!, fd: fds[0]!, extraFds: fds.slice(1), blockSize, info, readOnly, timeout: opts.timeout ?? 0, readyTimeout, roots });
+}
+
+/** How long attach waits for the partition scan before returning anyway. */
+const PARTITION_SCAN_WAIT_MS = 10_000;
+
+/**
+ * The kernel reads the partition table of a newly sized nbd device on its next open (nbd_set_size
+ * sets GD_NEED_PART_SCAN). With udev something opens it at once; on a machine without udev
+ * (diskless boot) nothing does, and /dev/nbd0p1 would not appear. Open it once, read-only, so the
+ * partitions exist when attach returns. Asynchronous on purpose: the open reads from the server,
+ * which for local attach is this very process. Bounded: a slow server does not hold attach up.
+ */
+async function scanPartitions(devicePath: string): Promise<void> {
+  if (!fs.existsSync(devicePath)) return;
+  const open = fs.promises.open(devicePath, fs.constants.O_RDONLY).then(
+    (fh) => fh.close().then(() => true),
+    (e: Error) => {
+      debug('partition scan open %s: %s', devicePath, e.message);
+      return false;
+    },
+  );
+  let timer: NodeJS.Timeout | undefined;
+  const limit = new Promise<undefined>((r) => (timer = setTimeout(r, PARTITION_SCAN_WAIT_MS, undefined)));
+  const done = await Promise.race([open, limit]);
+  clearTimeout(timer);
+  if (done === undefined) debug('partition scan of %s still running after %d ms', devicePath, PARTITION_SCAN_WAIT_MS);
 }
 
 function pickFreeDevice(roots: Roots): DeviceRef {
@@ -378,6 +405,7 @@ async function ioctlAttach(a: {
     await Promise.race([done, sleep(5000)]);
     throw new NbdError('NBD_E_KERNEL_TIMEOUT', `${op}: ${a.dev.path} did not become ready within ${a.readyTimeout} ms: disconnected it again; see dmesg`);
   }
+  await scanPartitions(a.dev.path);
   return { index: a.dev.index, device: a.dev.path, interface: 'ioctl', blockSize: a.blockSize, sizeBytes: a.info.size, readOnly: a.readOnly, done };
 }
 

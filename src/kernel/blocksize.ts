@@ -1,9 +1,12 @@
 // Block-size choice for the kernel device (pure).
 //
 // Kernel rule (drivers/block/nbd.c nbd_set_size → blk_validate_block_size): a power of two from 512
-// to PAGE_SIZE. Protocol rule (proto.md "Block size constraints"): never below the server's minimum;
-// use its preferred size where possible. `-b` overrides the preference but not the rules. The export
-// size must be a whole number of blocks (the ioctl path even sets the size in blocks).
+// to PAGE_SIZE, and it becomes the device's *logical* sector size. Protocol rule (proto.md "Block
+// size constraints"): never below the server's minimum; the preferred size is a performance hint.
+// Default: 512 (what nbd-client and qemu-nbd --connect use), raised to the server's minimum when that
+// is larger. A 4096-byte logical sector would hide 512-byte GPT/MBR partition tables and refuse ext4
+// made with 1 KiB blocks (see docs/decisions.md "Block size"); `-b preferred` asks for the server's
+// preferred size, `-b N` for N. The export size must be a whole number of blocks.
 
 import { NbdError } from '../errors.ts';
 
@@ -14,8 +17,8 @@ export const DEFAULT_BLOCK = 512;
 export interface BlockSizeInput {
   size: bigint;
   server?: { min: number; preferred: number; max: number } | undefined;
-  /** -b */
-  requested?: number | undefined;
+  /** -b N, or -b preferred (the server's preferred size) */
+  requested?: number | 'preferred' | undefined;
   pageSize: number;
 }
 export interface BlockSizeChoice {
@@ -43,7 +46,7 @@ export function chooseBlockSize(inp: BlockSizeInput): BlockSizeChoice {
   };
   const divides = (b: number): boolean => inp.size % BigInt(b) === 0n;
 
-  if (inp.requested !== undefined) {
+  if (inp.requested !== undefined && inp.requested !== 'preferred') {
     const b = inp.requested;
     if (!isPow2(b) || b < KERNEL_MIN_BLOCK || b > max) fail(`block size ${b} is not possible: the kernel accepts a power of two from ${KERNEL_MIN_BLOCK} to ${max} (-b)`);
     if (b < srvMin) fail(`block size ${b} (-b) is below the server's minimum of ${srvMin}: use -b ${allowed.find((a) => a >= srvMin) ?? srvMin}`);
@@ -58,9 +61,11 @@ export function chooseBlockSize(inp: BlockSizeInput): BlockSizeChoice {
   }
 
   if (srvMin > max) fail(`the server requires a minimum block size of ${srvMin}, above the kernel's maximum of ${max}: this export cannot be attached here`);
-  let want = srv ? srv.preferred : DEFAULT_BLOCK;
+  const preferred = inp.requested === 'preferred';
+  let want = srv && preferred ? srv.preferred : DEFAULT_BLOCK;
   const notes: string[] = [];
-  if (srv && (!isPow2(want) || want < KERNEL_MIN_BLOCK || want > max)) {
+  if (preferred && !srv) notes.push(`the server did not state a preferred block size (-b preferred): using ${DEFAULT_BLOCK}`);
+  if (srv && preferred && (!isPow2(want) || want < KERNEL_MIN_BLOCK || want > max)) {
     const clamped = Math.min(Math.max(isPow2(want) ? want : KERNEL_MIN_BLOCK, KERNEL_MIN_BLOCK), max);
     notes.push(`the server prefers block size ${want}; the kernel allows ${KERNEL_MIN_BLOCK}..${max}, using ${clamped}`);
     want = clamped;

@@ -77,6 +77,8 @@ export const NBD_DEVICE_CONNECTED = 2;
 export const NETLINK_GENERIC = 16;
 /** include/linux/socket.h: AF_NETLINK = PF_NETLINK = 16. */
 export const AF_NETLINK = 16;
+/** include/linux/socket.h: AF_UNIX = AF_LOCAL = 1 (local attach's socketpair). */
+export const AF_UNIX = 1;
 /** include/uapi/linux/netlink.h: NLMSG_ALIGNTO = 4, NLMSG_HDRLEN = 16 (struct nlmsghdr). */
 export const NLMSG_ALIGNTO = 4;
 export const NLMSG_HDRLEN = 16;
@@ -139,6 +141,8 @@ export const SO_RCVTIMEO = 20;
 /** include/linux/net.h: SOCK_RAW 3; include/uapi/asm-generic/fcntl.h: SOCK_CLOEXEC = O_CLOEXEC 0o2000000,
  *  SOCK_NONBLOCK = O_NONBLOCK 0o4000. */
 export const SOCK_RAW = 3;
+/** include/linux/net.h: SOCK_STREAM 1. */
+export const SOCK_STREAM = 1;
 export const SOCK_CLOEXEC = 0o2000000;
 export const SOCK_NONBLOCK = 0o4000;
 /** include/linux/socket.h: MSG_PEEK 2, MSG_TRUNC 0x20, MSG_DONTWAIT 0x40. */

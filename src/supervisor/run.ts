@@ -18,7 +18,8 @@ import { deviceState, parseDeviceName, resolveDevice } from '../kernel/device.ts
 import * as libc from '../../native-bindings/libc.ts';
 import { formatSize, resolveTarget, type ServerOptions } from '../commands/common.ts';
 import { splitPositionals } from '../commands/attach.ts';
-import { type KernelOps, NetlinkKernelOps, tuneSocket } from './kernel-ops.ts';
+import { type KernelOps, NetlinkKernelOps } from './kernel-ops.ts';
+import { type ConnectionSource, localSource, remoteSource } from './source.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, RECONNECT_ATTEMPT_TIMEOUT_MS } from './policy.ts';
 import type { Candidate } from './reconnector.ts';
 import { type SupervisorState, openLog, pidAlive, readState, removeState, writeState } from './state.ts';
@@ -29,7 +30,7 @@ const debug = createDebug('nbd:supervisor');
 /** The options of `attach` this module reads (src/commands/attach.ts declares them). */
 export interface SupervisedAttachOptions extends ServerOptions {
   optgo: boolean;
-  blockSize?: number;
+  blockSize?: number | 'preferred';
   timeout?: number;
   identifier?: string;
   readOnly?: boolean;
@@ -39,6 +40,10 @@ export interface SupervisedAttachOptions extends ServerOptions {
   reattach?: string;
   supervisorChild?: boolean;
   ioctl?: boolean;
+  /** Local attach: serve this image from this process (src/supervisor/source.ts). */
+  file?: string;
+  /** Local attach: serve sparse memory of this size from this process. */
+  memory?: string;
 }
 
 export const CHILD_FLAG = '--supervisor-child';
@@ -196,19 +201,32 @@ interface LiveCandidate extends Candidate {
   conn: Connection;
 }
 
-async function negotiateTuned(target: Target, exportName: string, noOptGo: boolean, timeoutMs: number): Promise<Connection> {
-  const c = await negotiate(target, { exportName, noOptGo, timeoutMs });
-  try {
-    tuneSocket(c.socket);
-  } catch (e) {
-    c.socket.destroy();
-    throw new NbdError('NBD_E_KERNEL', `attach: cannot set keepalive/TCP_USER_TIMEOUT on the connection: ${(e as Error).message}`, { cause: e });
-  }
-  return c;
+function sameServer(s: SupervisorState, target: Target, exportName: string): boolean {
+  return s.endpoint !== undefined && describeEndpoint(s.endpoint) === describeEndpoint(target.endpoint) && s.export === exportName;
 }
 
-function sameServer(s: SupervisorState, target: Target, exportName: string): boolean {
-  return describeEndpoint(s.endpoint) === describeEndpoint(target.endpoint) && s.export === exportName;
+/**
+ * Where the connections come from, and the device argument: `HOST[:PORT] [PORT] [DEV]`, `-u SOCK
+ * [DEV]`, or local attach `--file IMAGE [DEV]` / `--memory SIZE [DEV]`. Local opens the image.
+ */
+export async function openSource(
+  positionals: readonly (string | undefined)[],
+  opts: SupervisedAttachOptions,
+): Promise<{ source: ConnectionSource; device: string | undefined; target?: Target }> {
+  if (opts.file !== undefined || opts.memory !== undefined) {
+    const given = positionals.filter((x): x is string => x !== undefined);
+    const what = opts.file !== undefined ? `--file ${opts.file}` : `--memory ${opts.memory}`;
+    if (given.length > 1 || opts.unix !== undefined || opts.name !== undefined) {
+      throw new NbdError('NBD_E_USAGE', `${what} serves the image from this process: give only the device (nbd-attach ${what} [/dev/nbdN]), no server or export`);
+    }
+    if (given[0] !== undefined && parseDeviceName(given[0]) === undefined && !given[0].startsWith('/')) {
+      throw new NbdError('NBD_E_USAGE', `${what}: '${given[0]}' is not a device (/dev/nbdN or nbdN)`);
+    }
+    return { source: await localSource({ file: opts.file, memory: opts.memory, readOnly: opts.readOnly === true }), device: given[0] };
+  }
+  const { host, port, device } = splitPositionals(positionals, opts.unix !== undefined);
+  const { target, exportName } = resolveTarget(host, port, opts);
+  return { source: remoteSource(target, exportName, opts.optgo === false), device, target };
 }
 
 async function attachAndSupervise(
@@ -217,7 +235,6 @@ async function attachAndSupervise(
   rep: Reporter,
   mode: 'foreground' | 'background',
 ): Promise<number> {
-  const { host, port, device } = splitPositionals(positionals, opts.unix !== undefined);
   const noOptGo = opts.optgo === false;
   const deadTimeoutS = opts.deadTimeout ?? DEFAULT_DEAD_TIMEOUT_S;
   const requestTimeoutS = opts.timeout ?? DEFAULT_REQUEST_TIMEOUT_S;
@@ -226,14 +243,34 @@ async function attachAndSupervise(
 
   // --reattach DEV [HOST]: the device is given by the option; the positionals may name the server.
   if (opts.reattach !== undefined) {
+    if (opts.file !== undefined || opts.memory !== undefined) throw new NbdError('NBD_E_USAGE', '--reattach adopts a device attached to a server: drop --file/--memory');
+    const { host, port, device } = splitPositionals(positionals, opts.unix !== undefined);
     const target = host !== undefined || opts.unix !== undefined ? resolveTarget(host, port, opts) : undefined;
     if (device !== undefined) throw new NbdError('NBD_E_USAGE', `--reattach ${opts.reattach} names the device: drop '${device}'`);
     return adopt(opts.reattach, target, opts, rep, mode, { noOptGo, reconnectTimeout });
   }
 
-  const { target, exportName } = resolveTarget(host, port, opts);
+  const { source, device, target } = await openSource(positionals, opts);
+  try {
+    return await attachFrom(source, device, target, opts, rep, mode, { noOptGo, reconnectTimeout, deadTimeoutS, requestTimeoutS, connections });
+  } finally {
+    await source.close();
+  }
+}
+
+async function attachFrom(
+  source: ConnectionSource,
+  device: string | undefined,
+  target: Target | undefined,
+  opts: SupervisedAttachOptions,
+  rep: Reporter,
+  mode: 'foreground' | 'background',
+  how: { noOptGo: boolean; reconnectTimeout: number; deadTimeoutS: number; requestTimeoutS: number; connections: number },
+): Promise<number> {
+  const { noOptGo, reconnectTimeout, deadTimeoutS, requestTimeoutS, connections } = how;
+  const exportName = source.exportName;
   // Starting the same attach again adopts a device whose supervisor is gone.
-  if (device !== undefined && parseDeviceNameOrNode(device)) {
+  if (target !== undefined && device !== undefined && parseDeviceNameOrNode(device)) {
     const dev = resolveDevice(device, undefined, 'attach');
     const st = deviceState(dev.index);
     const saved = readState(dev.index);
@@ -259,12 +296,12 @@ async function attachAndSupervise(
 
   const conns: Connection[] = [];
   try {
-    conns.push(await negotiateTuned(target, exportName, noOptGo, opts.connectTimeout));
+    conns.push(await source.connect(opts.connectTimeout));
     const info = conns[0]!.info;
     if (connections > 1 && !(info.flags & TransmissionFlag.CAN_MULTI_CONN)) {
       throw new NbdError('NBD_E_UNSUPPORTED', `attach: -C ${connections}: the server does not allow several connections to this export (no CAN_MULTI_CONN): use -C 1`);
     }
-    const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => negotiateTuned(target, exportName, noOptGo, opts.connectTimeout)));
+    const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => source.connect(opts.connectTimeout)));
     for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
     const failed = more.find((m) => m.status === 'rejected');
     if (failed) throw (failed as PromiseRejectedResult).reason;
@@ -292,8 +329,8 @@ async function attachAndSupervise(
     ops.close();
     throw e;
   }
-  const name = exportName === '' ? '(default)' : `'${exportName}'`;
-  const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), export ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
+  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}`;
+  const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
 
   if (r.interface === 'ioctl' || r.done) {
     // No netlink family (very old kernel): this process holds the device; no reconnect possible.
@@ -308,8 +345,8 @@ async function attachAndSupervise(
     index: r.index,
     device: r.device,
     pid: process.pid,
-    server: describeEndpoint(target.endpoint),
-    endpoint: target.endpoint,
+    server: source.server,
+    ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
     export: exportName,
     noOptGo,
     identifier,
@@ -326,7 +363,7 @@ async function attachAndSupervise(
     startedAt: new Date().toISOString(),
     updatedAt: new Date().toISOString(),
   };
-  return supervise(base, ops, { target, exportName, noOptGo, reconnectTimeout }, rep, mode, `${summary}, connections ${connections}`);
+  return supervise(base, ops, { source, reconnectTimeout }, rep, mode, `${summary}, connections ${connections}`);
 }
 
 function parseDeviceNameOrNode(device: string): boolean {
@@ -349,10 +386,13 @@ async function adopt(
   if (st.backend === undefined) throw new NbdError('NBD_E_DEVICE_NO_BACKEND', `${op}: ${dev.path} has no backend identifier (set up with ioctl?): it cannot be reconfigured; detach and attach it again`);
   let saved = readState(dev.index);
   if (saved && saved.identifier !== st.backend) saved = undefined; // left over from an earlier attach
+  if (saved?.local) {
+    throw new NbdError('NBD_E_USAGE', `${op}: ${dev.path} was served by its own supervisor (${saved.server}), and that server is gone with it: detach it (nbd-attach -d ${dev.path}) and attach it again`);
+  }
   if (saved && saved.pid !== process.pid && pidAlive(saved.pid)) {
     throw new NbdError('NBD_E_DEVICE_SUPERVISED', `${op}: ${dev.path} is already supervised by pid ${saved.pid}: nothing to do`);
   }
-  const target = given?.target ?? (saved ? { endpoint: saved.endpoint, tls: false } : undefined);
+  const target = given?.target ?? (saved?.endpoint ? { endpoint: saved.endpoint, tls: false } : undefined);
   const exportName = given?.exportName ?? saved?.export;
   if (!target || exportName === undefined) {
     throw new NbdError('NBD_E_USAGE', `${op}: no record of ${dev.path}'s server (no state file): give it: nbd-attach --reattach ${dev.path} HOST[:PORT] [-N EXPORT]`);
@@ -398,13 +438,13 @@ async function adopt(
     updatedAt: new Date().toISOString(),
   };
   const name = exportName === '' ? '(default)' : `'${exportName}'`;
-  return supervise(base, ops, { target, exportName, noOptGo, reconnectTimeout: how.reconnectTimeout }, rep, mode, `${dev.path} adopted: server ${base.server}, export ${name}, connections ${connections}`);
+  return supervise(base, ops, { source: remoteSource(target, exportName, noOptGo), reconnectTimeout: how.reconnectTimeout }, rep, mode, `${dev.path} adopted: server ${base.server}, export ${name}, connections ${connections}`);
 }
 
 async function supervise(
   base: SupervisorState,
   ops: KernelOps,
-  how: { target: Target; exportName: string; noOptGo: boolean; reconnectTimeout: number },
+  how: { source: ConnectionSource; reconnectTimeout: number },
   rep: Reporter,
   mode: 'foreground' | 'background',
   summary: string,
@@ -455,7 +495,7 @@ async function supervise(
       sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
       random: Math.random,
       negotiate: async () => {
-        const c = await negotiateTuned(how.target, how.exportName, how.noOptGo, how.reconnectTimeout);
+        const c = await how.source.connect(how.reconnectTimeout);
         return { size: c.info.size, flags: c.info.flags, conn: c, discard: () => c.socket.destroy() };
       },
       takeFd: (c) => takeSocketFd(c.conn.socket),

@@ -24,8 +24,10 @@ export interface SupervisorState {
   pid: number;
   /** "host:port" or the unix socket path, for people. */
   server: string;
-  /** What a new supervisor needs to reconnect. */
-  endpoint: Endpoint;
+  /** What a new supervisor needs to reconnect (absent for local attach). */
+  endpoint?: Endpoint;
+  /** Local attach (`--file`/`--memory`): the server lived in the supervisor; nothing to adopt. */
+  local?: true;
   export: string;
   noOptGo: boolean;
   identifier: string;

@@ -3,7 +3,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { run, sh, waitFor, type RunOptions, type RunResult } from './lib.ts';
+import assert from 'node:assert/strict';
+import { mustRun, run, sh, sha256, tmpDir, waitFor, type RunOptions, type RunResult } from './lib.ts';
 
 export const CLI = join(process.cwd(), 'bin/nbd-attach.js');
 /** CLI start-up under software emulation is slow (tsx compiles on the first run of each boot). */
@@ -76,4 +77,43 @@ export async function detachEverything(mounts: readonly string[] = []): Promise<
     await sh('for p in /sys/block/nbd*/pid; do [ -e "$p" ] || continue; d=${p%/pid}; d=/dev/${d##*/}; nbd-client -d "$d"; done', { timeoutMs: 60_000 });
   }
   for (const c of foregrounds) c.kill('SIGKILL');
+}
+
+const MiB = 1024 * 1024;
+
+/** mkfs, mount, write files, unmount; returns the files' checksums. */
+export async function fillFilesystem(mounts: string[], dev: string): Promise<Map<string, string>> {
+  const mnt = await tmpDir('mnt-');
+  mounts.push(mnt);
+  await mustRun('mkfs.ext4', ['-q', '-F', dev], { timeoutMs: 120_000 });
+  await mustRun('mount', [dev, mnt]);
+  const sums = new Map<string, string>();
+  for (const [name, size] of [['a.bin', 3 * MiB], ['b.bin', 123457]] as const) {
+    await mustRun('dd', ['if=/dev/urandom', `of=${join(mnt, name)}`, `bs=${size}`, 'count=1', 'status=none']);
+    sums.set(name, await sha256(join(mnt, name)));
+  }
+  await mustRun('umount', [mnt]);
+  return sums;
+}
+
+export async function verifyFilesystem(mounts: string[], dev: string, sums: Map<string, string>): Promise<void> {
+  const mnt = await tmpDir('mnt-');
+  mounts.push(mnt);
+  await mustRun('mount', ['-o', 'ro', dev, mnt]);
+  try {
+    for (const [name, sum] of sums) assert.equal(await sha256(join(mnt, name)), sum, `${name} after re-attach`);
+  } finally {
+    await mustRun('umount', [mnt]);
+  }
+}
+
+/** The device is read-only in sysfs, dd and mkfs fail, and the server's data is unchanged. */
+export async function assertWritesRefused(dev: string, before: string, serverData: () => Promise<string>): Promise<void> {
+  const idx = indexOf(dev);
+  assert.equal(readFileSync(`/sys/block/nbd${idx}/ro`, 'utf8').trim(), '1', 'sysfs ro');
+  const w = await run('dd', ['if=/dev/zero', `of=${dev}`, 'bs=4096', 'count=4', 'oflag=direct', 'conv=notrunc', 'status=none']);
+  assert.notEqual(w.code, 0, `dd to a read-only device must fail: ${w.stderr}`);
+  const m = await run('mkfs.ext4', ['-q', '-F', dev]);
+  assert.notEqual(m.code, 0, 'mkfs on a read-only device must fail');
+  assert.equal(await serverData(), before, 'server data unchanged');
 }

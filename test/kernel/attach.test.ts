@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanup, loadNbd, mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, unloadNbd, waitFor, requireGuest, nbdSizeBytes } from './lib.ts';
-import { attachedDevice, cli, detachEverything, indexOf, show, startForeground, sysPid } from './attach-common.ts';
+import { assertWritesRefused, attachedDevice, cli, detachEverything, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
 
 requireGuest();
 const MiB = 1024 * 1024;
@@ -21,32 +21,6 @@ after(async () => {
   await unloadNbd().catch(() => {});
 });
 
-/** mkfs, mount, write files, unmount; returns the files' checksums. */
-async function fillFilesystem(dev: string): Promise<Map<string, string>> {
-  const mnt = await tmpDir('mnt-');
-  mounts.push(mnt);
-  await mustRun('mkfs.ext4', ['-q', '-F', dev], { timeoutMs: 120_000 });
-  await mustRun('mount', [dev, mnt]);
-  const sums = new Map<string, string>();
-  for (const [name, size] of [['a.bin', 3 * MiB], ['b.bin', 123457]] as const) {
-    await mustRun('dd', ['if=/dev/urandom', `of=${join(mnt, name)}`, `bs=${size}`, 'count=1', 'status=none']);
-    sums.set(name, await sha256(join(mnt, name)));
-  }
-  await mustRun('umount', [mnt]);
-  return sums;
-}
-
-async function verifyFilesystem(dev: string, sums: Map<string, string>): Promise<void> {
-  const mnt = await tmpDir('mnt-');
-  mounts.push(mnt);
-  await mustRun('mount', ['-o', 'ro', dev, mnt]);
-  try {
-    for (const [name, sum] of sums) assert.equal(await sha256(join(mnt, name)), sum, `${name} after re-attach`);
-  } finally {
-    await mustRun('umount', [mnt]);
-  }
-}
-
 test('netlink (nbdkit): attach, mkfs.ext4, mount, write, unmount, detach, re-attach, checksums match', async () => {
   const server = await startNbdkit(['memory', '64M']);
   const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd1', '-i', 'ktest-netlink']);
@@ -57,7 +31,7 @@ test('netlink (nbdkit): attach, mkfs.ext4, mount, write, unmount, detach, re-att
   assert.equal(nbdSizeBytes(1), 64 * MiB);
   assert.ok(sysPid(1), 'pid present on return');
   assert.equal(readFileSync('/sys/block/nbd1/backend', 'utf8').trim(), 'ktest-netlink');
-  const sums = await fillFilesystem('/dev/nbd1');
+  const sums = await fillFilesystem(mounts, '/dev/nbd1');
   const devSum = await sha256('/dev/nbd1');
   const d = await cli(['-d', '/dev/nbd1']);
   assert.equal(d.code, 0, show(d));
@@ -66,7 +40,7 @@ test('netlink (nbdkit): attach, mkfs.ext4, mount, write, unmount, detach, re-att
   const b = await cli(['127.0.0.1', String(server.port), 'nbd1']);
   assert.equal(b.code, 0, show(b));
   assert.equal(await sha256('/dev/nbd1'), devSum);
-  await verifyFilesystem('/dev/nbd1', sums);
+  await verifyFilesystem(mounts, '/dev/nbd1', sums);
   const d2 = await cli(['detach', 'nbd1']);
   assert.equal(d2.code, 0, show(d2));
 });
@@ -96,7 +70,7 @@ test('ioctl -L (nbd-server): attach in the foreground, ext4 round trip, detach e
   for (const sig of [1, 2, 12, 15]) assert.equal(mask('SigBlk') & bit(sig), bit(sig), `DO_IT thread blocks signal ${sig}`);
   assert.equal(mask('SigPnd') & bit(12), bit(12), 'SIGUSR2 waits, blocked, on the DO_IT thread');
   assert.equal(sysPid(2), pid, 'still attached after the signal');
-  const sums = await fillFilesystem('/dev/nbd2');
+  const sums = await fillFilesystem(mounts, '/dev/nbd2');
   assert.equal(sysPid(2), pid, 'still attached after signals and I/O');
   const d = await cli(['-d', '/dev/nbd2']);
   assert.equal(d.code, 0, show(d));
@@ -105,7 +79,7 @@ test('ioctl -L (nbd-server): attach in the foreground, ext4 round trip, detach e
   assert.equal(sysPid(2), undefined);
   // Re-attach with --ioctl and check the data came back from the server's file.
   const fg2 = await startForeground(['--name', 'disk', '--ioctl', '127.0.0.1', String(server.port), '/dev/nbd2']);
-  await verifyFilesystem('/dev/nbd2', sums);
+  await verifyFilesystem(mounts, '/dev/nbd2', sums);
   assert.equal(await sha256('/dev/nbd2'), await sha256(file));
   // SIGTERM to the foreground process: a clean disconnect, exit 0, device free.
   process.kill(fg2.child.pid!, 'SIGTERM');
@@ -138,16 +112,6 @@ test('auto-picked device (qemu-nbd): no device argument, the kernel picks one an
 });
 
 /** Writing must fail, the kernel must mark the disk read-only and the server's data must not change. */
-async function assertWritesRefused(dev: string, before: string, serverData: () => Promise<string>): Promise<void> {
-  const idx = indexOf(dev);
-  assert.equal(readFileSync(`/sys/block/nbd${idx}/ro`, 'utf8').trim(), '1', 'sysfs ro');
-  const w = await run('dd', ['if=/dev/zero', `of=${dev}`, 'bs=4096', 'count=4', 'oflag=direct', 'conv=notrunc', 'status=none']);
-  assert.notEqual(w.code, 0, `dd to a read-only device must fail: ${w.stderr}`);
-  const m = await run('mkfs.ext4', ['-q', '-F', dev]);
-  assert.notEqual(m.code, 0, 'mkfs on a read-only device must fail');
-  assert.equal(await serverData(), before, 'server data unchanged');
-}
-
 test('read-only export (nbdkit -r): the kernel refuses writes', async () => {
   const file = await tmpFile(16 * MiB, { random: true });
   const sum = await sha256(file);
@@ -176,16 +140,21 @@ test('-R on a writable export (netlink and ioctl): the kernel refuses writes', a
   assert.equal((await fg.exit).code, 0);
 });
 
-test('block size: the server preference is used, -b overrides, a conflict is explained', async () => {
+test('block size: 512 by default, -b preferred takes the server preference, -b N overrides, a conflict is explained', async () => {
   const server = await startNbdkit(['--filter=blocksize-policy', 'memory', '8M', 'blocksize-preferred=4096', 'blocksize-minimum=512']);
+  const lbs = (): string => readFileSync('/sys/block/nbd5/queue/logical_block_size', 'utf8').trim();
   const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd5']);
   assert.equal(a.code, 0, show(a));
-  assert.match(a.stdout, /block size 4096/);
-  assert.equal(readFileSync('/sys/block/nbd5/queue/logical_block_size', 'utf8').trim(), '4096');
+  assert.match(a.stdout, /block size 512\b/);
+  assert.equal(lbs(), '512');
+  assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
+  const p = await cli(['-b', 'preferred', '127.0.0.1', String(server.port), '/dev/nbd5']);
+  assert.equal(p.code, 0, show(p));
+  assert.equal(lbs(), '4096');
   assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
   const b = await cli(['-b', '1024', '127.0.0.1', String(server.port), '/dev/nbd5']);
   assert.equal(b.code, 0, show(b));
-  assert.equal(readFileSync('/sys/block/nbd5/queue/logical_block_size', 'utf8').trim(), '1024');
+  assert.equal(lbs(), '1024');
   assert.match(b.stderr, /using block size 1024 \(-b\); the server prefers 4096/);
   assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
   const strict = await startNbdkit(['--filter=blocksize-policy', 'memory', '8M', 'blocksize-minimum=2048', 'blocksize-preferred=4096']);
@@ -193,4 +162,29 @@ test('block size: the server preference is used, -b overrides, a conflict is exp
   assert.equal(c.code, 5, show(c));
   assert.match(c.stderr, /below the server's minimum of 2048: use -b 2048/);
   assert.equal(sysPid(5), undefined, 'nothing attached after the refusal');
+  const d = await cli(['127.0.0.1', String(strict.port), '/dev/nbd5']);
+  assert.equal(d.code, 0, show(d));
+  assert.equal(lbs(), '2048', 'the default is raised to the server minimum');
+  assert.equal((await cli(['-d', '/dev/nbd5'])).code, 0);
+});
+
+test('a disk image from qemu-nbd (which prefers 4096): its 512-byte GPT partitions and a 1 KiB-block ext4 made by nbd-client are seen', async () => {
+  const img = await tmpFile(64 * MiB);
+  const server = await startQemuNbd(['-f', 'raw', '-t', img]);
+  // Partition and format it the classic way: nbd-client (512-byte sectors).
+  await mustRun('nbd-client', ['127.0.0.1', String(server.port), '/dev/nbd6'], { timeoutMs: 60_000 });
+  await mustRun('sfdisk', ['-q', '/dev/nbd6'], { input: 'label: gpt\n,32M\n,\n', timeoutMs: 60_000 });
+  await mustRun('partx', ['-u', '/dev/nbd6']);
+  await waitFor(() => existsSync('/sys/block/nbd6/nbd6p2'), 10_000, { what: 'nbd6p2' });
+  await mustRun('mkfs.ext4', ['-q', '-F', '-b', '1024', '/dev/nbd6p2'], { timeoutMs: 120_000 });
+  await mustRun('nbd-client', ['-d', '/dev/nbd6'], { timeoutMs: 30_000 });
+  await waitFor(() => sysPid(6) === undefined, 10_000, { what: 'nbd6 detached' });
+  const a = await cli(['127.0.0.1', String(server.port), '/dev/nbd6']);
+  assert.equal(a.code, 0, show(a));
+  await waitFor(() => existsSync('/sys/block/nbd6/nbd6p2'), 10_000, { what: 'the GPT partitions on our attach' });
+  const mnt = await tmpDir('mnt-');
+  mounts.push(mnt);
+  await mustRun('mount', ['-o', 'ro', '/dev/nbd6p2', mnt]);
+  await mustRun('umount', [mnt]);
+  assert.equal((await cli(['-d', '/dev/nbd6'])).code, 0);
 });

@@ -431,6 +431,8 @@ interface Launch {
   args: (port: number) => string[] | Promise<string[]>;
   /** For daemons: read the main pid (e.g. from a pid file) once the port listens. */
   mainPid?: () => Promise<number>;
+  /** How long to wait for the port to listen (default 15 s). */
+  startTimeoutMs?: number;
 }
 
 class Server implements ServerHandle {
@@ -484,7 +486,7 @@ class Server implements ServerHandle {
           }
           return false;
         },
-        15_000,
+        launch.startTimeoutMs ?? 15_000,
         { what: `${launch.name} listening on 127.0.0.1:${port}`, intervalMs: 25 },
       );
       this.pid = launch.mainPid ? await launch.mainPid() : (child.pid ?? -1);
@@ -610,6 +612,19 @@ export function startQemuNbd(args: readonly string[]): Promise<ServerHandle> {
     name: 'qemu-nbd',
     file: 'qemu-nbd',
     args: (port) => ['-b', '127.0.0.1', '-p', String(port), ...args],
+  });
+}
+
+/**
+ * Our own server, `nbd-attach serve`, on 127.0.0.1 and a free port; `args` follow `serve`, e.g.
+ * `[file]` or `['--memory', '64M']`.
+ */
+export function startOurServer(args: readonly string[]): Promise<ServerHandle> {
+  return startServer({
+    name: 'nbd-attach serve',
+    file: process.execPath,
+    args: (port) => [join(process.cwd(), 'bin/nbd-attach.js'), 'serve', '--port', String(port), ...args],
+    startTimeoutMs: 120_000, // Node + tsx start-up under software emulation
   });
 }
 

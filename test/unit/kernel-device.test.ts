@@ -121,14 +121,24 @@ test('block size: kernel range is 512..page size', () => {
   assert.deepEqual(kernelBlockSizes(16384).at(-1), 16384);
 });
 
-test('block size: the server preferred size when the kernel allows it; 512 without INFO_BLOCK_SIZE', () => {
+test('block size: 512 by default (as nbd-client and qemu-nbd --connect), whatever the server prefers', () => {
   assert.deepEqual(chooseBlockSize({ size: GiB, pageSize: 4096 }), { blockSize: 512 });
-  assert.deepEqual(chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 1, preferred: 4096, max: 33554432 } }), { blockSize: 4096 });
-  const big = chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 512, preferred: 65536, max: 33554432 } });
+  assert.deepEqual(chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 1, preferred: 4096, max: 33554432 } }), { blockSize: 512 });
+  assert.deepEqual(chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 1024, preferred: 4096, max: 33554432 } }), { blockSize: 1024 }, 'raised to the minimum');
+  assert.deepEqual(chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 3000, preferred: 4096, max: 33554432 } }), { blockSize: 4096 }, 'minimum rounded up to a power of two');
+});
+
+test('block size: -b preferred takes the server preferred size when the kernel allows it', () => {
+  const pref = (server?: { min: number; preferred: number; max: number }) => chooseBlockSize({ size: GiB, pageSize: 4096, requested: 'preferred', server });
+  assert.deepEqual(pref({ min: 1, preferred: 4096, max: 33554432 }), { blockSize: 4096 });
+  assert.deepEqual(pref({ min: 1, preferred: 2048, max: 33554432 }), { blockSize: 2048 });
+  const big = pref({ min: 512, preferred: 65536, max: 33554432 });
   assert.equal(big.blockSize, 4096);
   assert.match(big.note!, /prefers block size 65536/);
-  const small = chooseBlockSize({ size: GiB, pageSize: 4096, server: { min: 1, preferred: 1, max: 1 << 20 } });
-  assert.equal(small.blockSize, 512);
+  assert.equal(pref({ min: 1, preferred: 1, max: 1 << 20 }).blockSize, 512);
+  const none = pref(undefined);
+  assert.equal(none.blockSize, 512);
+  assert.match(none.note!, /did not state a preferred block size/);
 });
 
 test('block size: never below the server minimum', () => {
@@ -137,8 +147,8 @@ test('block size: never below the server minimum', () => {
 });
 
 test('block size: -b overrides the preference, not the rules', () => {
-  const r = chooseBlockSize({ size: GiB, pageSize: 4096, requested: 512, server: { min: 1, preferred: 4096, max: 1 << 25 } });
-  assert.equal(r.blockSize, 512);
+  const r = chooseBlockSize({ size: GiB, pageSize: 4096, requested: 2048, server: { min: 1, preferred: 4096, max: 1 << 25 } });
+  assert.equal(r.blockSize, 2048);
   assert.match(r.note!, /-b.*prefers 4096/);
   assert.match(code(() => chooseBlockSize({ size: GiB, pageSize: 4096, requested: 1000 })), /block size 1000 is not possible: .*power of two from 512 to 4096/);
   assert.match(code(() => chooseBlockSize({ size: GiB, pageSize: 4096, requested: 8192 })), /not possible/);
@@ -147,7 +157,7 @@ test('block size: -b overrides the preference, not the rules', () => {
 
 test('block size: the size must be a whole number of blocks', () => {
   // 1 MiB + 512: a 4096 preference steps down to 512 with a note
-  const r = chooseBlockSize({ size: (1n << 20n) + 512n, pageSize: 4096, server: { min: 1, preferred: 4096, max: 1 << 25 } });
+  const r = chooseBlockSize({ size: (1n << 20n) + 512n, pageSize: 4096, requested: 'preferred', server: { min: 1, preferred: 4096, max: 1 << 25 } });
   assert.equal(r.blockSize, 512);
   assert.match(r.note!, /not a multiple of 4096: using block size 512/);
   assert.match(code(() => chooseBlockSize({ size: (1n << 20n) + 512n, pageSize: 4096, requested: 4096 })), /not a multiple of the block size 4096 \(-b\): use -b 512/);

@@ -40,7 +40,7 @@ flock -w 900 9 || die "another test/vm/setup.sh holds $CACHE/.lock for more than
 # servers, clients and filesystem/network tools the kernel tests use.
 PACKAGES=(
   qemu-system-x86 busybox-static cpio kmod
-  nbdkit nbd-server nbd-client qemu-utils fio e2fsprogs iproute2 libnbd-bin util-linux procps
+  nbdkit nbd-server nbd-client qemu-utils fio e2fsprogs iproute2 libnbd-bin util-linux procps fdisk
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,130 @@
+// Where an attach gets its connections from: a remote server (TCP or Unix socket, negotiated with
+// src/client/negotiate.ts) or the in-process server of local attach (`--file`/`--memory`: a
+// socketpair per connection, one end served by src/server/, the other negotiated and handed to
+// the kernel). The supervisor only ever calls `connect()`, so a local device is supervised exactly
+// like a remote one: a connection the kernel declares dead is replaced with a fresh socketpair.
+
+import net from 'node:net';
+import path from 'node:path';
+import createDebug from 'debug';
+import { type Endpoint, type Target, describeEndpoint } from '../address.ts';
+import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts';
+import { NbdError } from '../errors.ts';
+import * as libc from '../../native-bindings/libc.ts';
+import { AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM } from '../kernel/constants.ts';
+import { type ServedConnection, type ServedExport, fileExport, memoryExport, parseSize, serveConnection } from '../server/index.ts';
+import { tuneSocket } from './kernel-ops.ts';
+
+const debug = createDebug('nbd:local');
+
+export interface ConnectionSource {
+  /** For people and the state file: "10.0.0.5:10809", "unix:/run/x.sock", "local file /srv/disk.img". */
+  readonly server: string;
+  /** How a later supervisor reaches the server again; undefined for local attach (nothing to reach). */
+  readonly endpoint: Endpoint | undefined;
+  readonly exportName: string;
+  /** Negotiate one connection, ready to be handed to the kernel (keepalive and TCP_USER_TIMEOUT set). */
+  connect(timeoutMs: number): Promise<Connection>;
+  /** Release what the source holds (local: finish in-flight requests, flush and close the image). */
+  close(): Promise<void>;
+}
+
+export function remoteSource(target: Target, exportName: string, noOptGo: boolean): ConnectionSource {
+  return {
+    server: describeEndpoint(target.endpoint),
+    endpoint: target.endpoint,
+    exportName,
+    async connect(timeoutMs) {
+      const c = await negotiate(target, { exportName, noOptGo, timeoutMs });
+      try {
+        tuneSocket(c.socket);
+      } catch (e) {
+        c.socket.destroy();
+        throw new NbdError('NBD_E_KERNEL', `attach: cannot set keepalive/TCP_USER_TIMEOUT on the connection: ${(e as Error).message}`, { cause: e });
+      }
+      return c;
+    },
+    close: async () => undefined,
+  };
+}
+
+export interface LocalSourceOptions {
+  file?: string | undefined;
+  memory?: string | undefined;
+  readOnly: boolean;
+}
+
+/**
+ * Local attach: open the image (or allocate sparse memory) and serve it on socketpairs. The export
+ * is opened read-only when the device is (`-R`), so the kernel and the file agree.
+ */
+export async function localSource(opts: LocalSourceOptions): Promise<ConnectionSource> {
+  if (opts.file !== undefined && opts.memory !== undefined) throw new NbdError('NBD_E_USAGE', 'give --file or --memory, not both');
+  let exp: ServedExport;
+  let server: string;
+  if (opts.file !== undefined) {
+    const file = path.resolve(opts.file);
+    exp = await fileExport(file, { name: '', readOnly: opts.readOnly });
+    server = `local file ${file}`;
+  } else if (opts.memory !== undefined) {
+    let size: number;
+    try {
+      size = parseSize(opts.memory);
+    } catch (e) {
+      throw new NbdError('NBD_E_USAGE', `--memory ${opts.memory}: ${(e as Error).message}`);
+    }
+    exp = memoryExport(size, { name: '', readOnly: opts.readOnly });
+    server = `local memory ${opts.memory}`;
+  } else {
+    throw new NbdError('NBD_E_USAGE', 'local attach needs --file IMAGE or --memory SIZE');
+  }
+  if (exp.backend.size === 0) {
+    await exp.backend.close();
+    throw new NbdError('NBD_E_USAGE', `${server}: the image is empty; give it a size first (e.g. truncate -s 1G ${opts.file ?? 'IMAGE'})`);
+  }
+  const served = new Set<ServedConnection>();
+  let closed: Promise<void> | undefined;
+  return {
+    server,
+    endpoint: undefined,
+    exportName: '',
+    async connect(timeoutMs) {
+      if (closed) throw new NbdError('NBD_E_FAILURE', `${server}: the local server is closed`);
+      const [serverFd, clientFd] = libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC);
+      let serverSock: net.Socket;
+      let clientSock: net.Socket;
+      try {
+        serverSock = new net.Socket({ fd: serverFd, readable: true, writable: true });
+      } catch (e) {
+        libc.close(serverFd);
+        libc.close(clientFd);
+        throw e;
+      }
+      try {
+        clientSock = new net.Socket({ fd: clientFd, readable: true, writable: true });
+      } catch (e) {
+        serverSock.destroy();
+        libc.close(clientFd);
+        throw e;
+      }
+      const conn = serveConnection(serverSock, [exp]);
+      served.add(conn);
+      void conn.done.then(() => {
+        served.delete(conn);
+        debug('local connection closed: %s', conn.closeReason ?? 'peer closed');
+      });
+      debug('socketpair %d (server) / %d (kernel side)', serverFd, clientFd);
+      return negotiateOn(clientSock, { exportName: '', timeoutMs }, server);
+    },
+    close() {
+      return (closed ??= (async () => {
+        await Promise.all([...served].map((c) => c.shutdown()));
+        try {
+          if (!exp.backend.readOnly) await exp.backend.flush();
+        } finally {
+          await exp.backend.close();
+        }
+      })());
+    },
+  };
+}
