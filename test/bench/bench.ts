@@ -11,7 +11,7 @@
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, tmpDir, tmpFile, waitFor, cleanup, freePort, isListening, type ServerHandle } from '../kernel/lib.ts';
+import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, startOurServer, tmpDir, tmpFile, waitFor, cleanup, type ServerHandle } from '../kernel/lib.ts';
 
 requireGuest();
 const CLI = join(process.cwd(), 'bin/nbd-attach.js');
@@ -106,26 +106,12 @@ async function clientThroughput(): Promise<void> {
   await srv.stop();
 }
 
-/** Our server as a child process on a port, like the others. */
-async function startOurServer(file: string): Promise<{ port: number; stop(): Promise<void> }> {
-  const port = await freePort();
-  const child = spawn(process.execPath, [CLI, 'serve', file, '--name', 'disk', '--port', String(port)], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await waitFor(() => isListening(port), 60_000, { what: 'nbd-attach serve listening' });
-  return {
-    port,
-    stop: async () => {
-      child.kill('SIGTERM');
-      await new Promise((r) => child.once('exit', r));
-    },
-  };
-}
-
 async function serverThroughput(): Promise<void> {
   const dir = await tmpDir('bench-');
   const img = await tmpFile(64 * MiB, { name: 'bench.img' });
   void dir;
   const servers: { name: string; start(): Promise<{ port: number; stop(): Promise<void> }>; export: string }[] = [
-    { name: 'nbd-attach serve', start: () => startOurServer(img), export: 'disk' },
+    { name: 'nbd-attach serve', start: () => startOurServer([`disk=${img}`]), export: 'disk' },
     { name: 'nbd-server', start: async () => startNbdServer(`[disk]\nexportname = ${img}\n`) as Promise<ServerHandle>, export: 'disk' },
     { name: 'nbdkit file', start: () => startNbdkit(['file', img]), export: '' },
   ];
