@@ -4,7 +4,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
-import { mustRun, run, sh, sha256, tmpDir, waitFor, type RunOptions, type RunResult } from './lib.ts';
+import { after, before } from 'node:test';
+import { cleanup, loadNbd, mustRun, requireGuest, run, sh, sha256, tmpDir, unloadNbd, waitFor, type RunOptions, type RunResult } from './lib.ts';
 
 export const CLI = join(process.cwd(), 'bin/nbd-attach.js');
 /** CLI start-up under software emulation is slow (tsx compiles on the first run of each boot). */
@@ -116,4 +117,23 @@ export async function assertWritesRefused(dev: string, before: string, serverDat
   const m = await run('mkfs.ext4', ['-q', '-F', dev]);
   assert.notEqual(m.code, 0, 'mkfs on a read-only device must fail');
   assert.equal(await serverData(), before, 'server data unchanged');
+}
+
+/**
+ * The frame of a kernel test file: guest only; nbd loaded with `nbdsMax` devices before the tests;
+ * afterwards mounts undone, devices detached, servers stopped, the module unloaded. Returns the list
+ * the tests push their mount points on.
+ */
+export function kernelSuite(nbdsMax = 8): string[] {
+  requireGuest();
+  const mounts: string[] = [];
+  before(async () => {
+    await loadNbd({ nbds_max: nbdsMax });
+  });
+  after(async () => {
+    await detachEverything(mounts);
+    await cleanup();
+    await unloadNbd().catch(() => {});
+  });
+  return mounts;
 }

@@ -1,25 +1,15 @@
 // nbd-attach against the real kernel nbd driver (run in the VM: test/kernel/run.sh).
 // netlink and ioctl attach with an ext4 round trip and checksums, the auto-picked device,
 // read-only exports and -R — each against a real server (nbdkit, nbd-server, qemu-nbd).
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cleanup, loadNbd, mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, unloadNbd, waitFor, requireGuest, nbdSizeBytes } from './lib.ts';
-import { assertWritesRefused, attachedDevice, cli, detachEverything, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
+import { mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, waitFor, nbdSizeBytes } from './lib.ts';
+import { assertWritesRefused, kernelSuite, attachedDevice, cli, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
 
-requireGuest();
 const MiB = 1024 * 1024;
-const mounts: string[] = [];
-
-before(async () => {
-  await loadNbd({ nbds_max: 8 });
-});
-after(async () => {
-  await detachEverything(mounts);
-  await cleanup();
-  await unloadNbd().catch(() => {});
-});
+const mounts = kernelSuite();
 
 test('netlink (nbdkit): attach, mkfs.ext4, mount, write, unmount, detach, re-attach, checksums match', async () => {
   const server = await startNbdkit(['memory', '64M']);

@@ -1,24 +1,14 @@
 // Local attach (`--file` / `--memory`: the in-process server on a socketpair) and our own server
 // (`nbd-attach serve`) under the real kernel, with nbd-client and with nbd-attach as the client.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { basename } from 'node:path';
-import { cleanup, loadNbd, mustRun, run, sha256, startOurServer, tmpFile, unloadNbd, requireGuest, nbdSizeBytes, waitFor } from './lib.ts';
-import { assertWritesRefused, attachedDevice, cli, detachEverything, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
+import { mustRun, run, sha256, startOurServer, tmpFile, nbdSizeBytes, waitFor } from './lib.ts';
+import { assertWritesRefused, kernelSuite, attachedDevice, cli, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
 import { pidAlive } from '../../src/supervisor/state.ts';
 
-requireGuest();
 const MiB = 1024 * 1024;
-const mounts: string[] = [];
-
-before(async () => {
-  await loadNbd({ nbds_max: 8 });
-});
-after(async () => {
-  await detachEverything(mounts);
-  await cleanup();
-  await unloadNbd().catch(() => {});
-});
+const mounts = kernelSuite();
 
 function supervisorPid(stdout: string): number {
   const m = /supervisor pid (\d+)/.exec(stdout);
