@@ -8,6 +8,8 @@ import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { parseDeviceName } from '../kernel/device.ts';
 import { type ServerOptions, addServerOptions, formatSize } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
+import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from '../supervisor/policy.ts';
+import { takeDetachRequested } from '../supervisor/state.ts';
 import { type SupervisedAttachOptions, openSource, runSupervisedAttach } from '../supervisor/run.ts';
 import type { ConnectionSource } from '../supervisor/source.ts';
 
@@ -108,21 +110,63 @@ async function attachIoctl(source: ConnectionSource, device: string | undefined,
   process.stdout.write(
     `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
   );
-  if (r.done) {
-    // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
-    // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
-    const onSignal = (sig: NodeJS.Signals): void => {
-      notice(`${sig}: disconnecting ${r.device}`);
-      try {
-        ioctlDisconnect(r.device);
-      } catch (e) {
-        process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
+  if (!r.done) return;
+  takeDetachRequested(r.index); // a marker left by an earlier detach of this device is not for us
+  // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
+  // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
+  let stopping = false;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    stopping = true;
+    notice(`${sig}: disconnecting ${r.device}`);
+    try {
+      ioctlDisconnect(r.device);
+    } catch (e) {
+      process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
+    }
+  };
+  for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
+  try {
+    let done: Promise<{ ret: number; message?: string }> = r.done;
+    for (;;) {
+      const end = await done;
+      // DO_IT returns 0 both after a DISCONNECT and when the connection died: `nbd-attach -d` leaves a
+      // marker (takeDetachRequested), a signal sets `stopping`. Otherwise the link died: reconnect
+      // like nbd-client -persist. The kernel cannot hold I/O in ioctl mode, so requests
+      // issued meanwhile fail with EIO (netlink mode keeps them waiting instead; docs/decisions.md).
+      if (stopping || takeDetachRequested(r.index)) {
+        if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
+        break;
       }
-    };
-    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
-    const end = await r.done;
+      process.stderr.write(`nbd-attach: ${r.device}: the connection died${end.message ? ` (${end.message})` : ''}: reconnecting (ioctl mode: I/O fails until then)\n`);
+      const again = await reconnectIoctl(source, r.device, opts, notice, () => stopping);
+      if (!again) break;
+      process.stderr.write(`nbd-attach: ${r.device} reconnected\n`);
+      done = again.done;
+    }
+  } finally {
     for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
-    if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
-    process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
   }
+  process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
+}
+
+/** Negotiate and hand a new connection to the same device with the ioctls, retrying with backoff. */
+async function reconnectIoctl(
+  source: ConnectionSource,
+  device: string,
+  opts: AttachCliOptions,
+  notice: (m: string) => void,
+  stopping: () => boolean,
+): Promise<{ done: Promise<{ ret: number; message?: string }> } | undefined> {
+  for (let attempt = 0; !stopping(); attempt++) {
+    try {
+      const conn = await source.connect(Math.min(opts.connectTimeout, RECONNECT_ATTEMPT_TIMEOUT_MS));
+      const r = await attach({ connections: [conn], device, blockSize: opts.blockSize, readOnly: opts.readOnly === true, timeout: opts.timeout, useIoctl: true, notice });
+      if (!r.done) throw new Error('the kernel did not start NBD_DO_IT');
+      return { done: r.done }; // wrapped: an async function would otherwise wait for DO_IT to end
+    } catch (e) {
+      if (attempt % 10 === 0) process.stderr.write(`nbd-attach: ${device}: reconnect failed: ${(e as Error).message}\n`);
+      await new Promise((res) => setTimeout(res, backoffDelay(attempt, Math.random())));
+    }
+  }
+  return undefined;
 }

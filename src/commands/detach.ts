@@ -3,7 +3,7 @@
 
 import type { Command } from 'commander';
 import { detach } from '../kernel/attach.ts';
-import { pidAlive, readState } from '../supervisor/state.ts';
+import { markDetachRequested, pidAlive, readState } from '../supervisor/state.ts';
 
 /** How long `detach` waits for the device's supervisor to finish (flush a local image, exit). */
 const SUPERVISOR_EXIT_WAIT_MS = 15_000;
@@ -39,6 +39,7 @@ export function register(program: Command): void {
           device,
           force: opts.force === true,
           useIoctl: opts.ioctl === true,
+          beforeDisconnect: markDetachRequested,
           notice: (m) => process.stderr.write(`nbd-attach: note: ${m}\n`),
         });
         if (r.wasAttached) {

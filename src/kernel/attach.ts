@@ -440,6 +440,8 @@ export interface DetachOptions {
   notice?: (message: string) => void;
   timeoutMs?: number;
   roots?: Roots;
+  /** Called with the device index just before the disconnect is sent. */
+  beforeDisconnect?: (index: number) => void;
 }
 
 export interface DetachResult {
@@ -462,6 +464,7 @@ export async function detach(opts: DetachOptions): Promise<DetachResult> {
     const mounts = mountsOf(mi, dev.index, partShift(moduleInfo(roots).maxPart ?? 0));
     if (mounts.length) throw new NbdError('NBD_E_DEVICE_BUSY', `${op}: ${dev.path} is mounted on ${mounts.join(', ')}: unmount it first (or --force to cut it off anyway)`);
   }
+  opts.beforeDisconnect?.(dev.index);
   let iface: KernelInterface = opts.useIoctl ? 'ioctl' : 'netlink';
   if (iface === 'netlink') {
     const sock = new GenlSocket();

@@ -95,3 +95,30 @@ export function openLog(index: number): { fd: number; file: string } {
   }
   return { fd: fs.openSync('/dev/null', 'a'), file: '/dev/null' };
 }
+
+/**
+ * `nbd-attach -d` leaves this marker before it disconnects, so that an ioctl-mode attach (whose
+ * NBD_DO_IT returns 0 both after a DISCONNECT and after the connection died, drivers/block/nbd.c
+ * nbd_start_device_ioctl) can tell "detached: exit" from "link died: reconnect".
+ */
+function detachMarker(index: number): string {
+  return path.join(runDir(), `nbd${index}.detach`);
+}
+export function markDetachRequested(index: number): void {
+  try {
+    fs.mkdirSync(runDir(), { recursive: true, mode: 0o755 });
+    fs.writeFileSync(detachMarker(index), `${process.pid}\n`);
+  } catch {
+    /* read-only /run: the ioctl-mode attach then reconnects; SIGTERM still stops it */
+  }
+}
+/** True (and the marker removed) when a detach was asked for in the last minute. */
+export function takeDetachRequested(index: number): boolean {
+  try {
+    const st = fs.statSync(detachMarker(index));
+    fs.rmSync(detachMarker(index), { force: true });
+    return Date.now() - st.mtimeMs < 60_000;
+  } catch {
+    return false;
+  }
+}

@@ -178,3 +178,22 @@ test('a disk image from qemu-nbd (which prefers 4096): its 512-byte GPT partitio
   await mustRun('umount', [mnt]);
   assert.equal((await cli(['-d', '/dev/nbd6'])).code, 0);
 });
+
+test('-L reconnects after a server restart, like nbd-client -persist (I/O fails meanwhile: ioctl cannot hold it)', async () => {
+  const img = await tmpFile(16 * MiB, { random: true });
+  const server = await startNbdkit(['file', img]);
+  const fg = await startForeground(['-L', '127.0.0.1', String(server.port), '/dev/nbd7']);
+  const read = () => run('dd', ['if=/dev/nbd7', 'of=/dev/null', 'bs=4096', 'count=16', 'skip=100', 'iflag=direct', 'status=none'], { timeoutMs: 60_000 });
+  assert.equal((await read()).code, 0);
+  server.kill('SIGKILL');
+  await server.exited();
+  await waitFor(() => /the connection died/.test(fg.stderr()), 60_000, { what: 'DO_IT ending on the dead connection' });
+  await server.restart();
+  await waitFor(() => /reconnected/.test(fg.stderr()), 60_000, { what: `ioctl reconnect; stderr: ${fg.stderr()}` });
+  const again = await read();
+  assert.equal(again.code, 0, `read after the reconnect: ${again.stderr}`);
+  assert.equal(await sha256('/dev/nbd7'), await sha256(img), 'the device shows the image again');
+  const d = await cli(['-d', '/dev/nbd7']);
+  assert.equal(d.code, 0, show(d));
+  assert.equal((await fg.exit).code, 0, fg.stderr());
+});
