@@ -6,6 +6,7 @@ import { NbdError } from '../errors.ts';
 import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
 import { transmissionFlagNames } from '../protocol/constants.ts';
 import type { ExportInfo } from '../protocol/handshake.ts';
+import { formatSize as formatBytes } from '../server/size.ts';
 
 export interface ServerOptions {
   name?: string;
@@ -51,16 +52,9 @@ export function resolveTarget(host: string | undefined, port: string | undefined
   return { target, exportName: opts.name ?? target.exportName ?? '' };
 }
 
-/** 1073741824 → "1 GiB"; exact bytes are printed alongside where it matters. */
+/** 1073741824 → "1 GiB" (one formatter: src/server/size.ts); exact bytes are printed alongside where it matters. */
 export function formatSize(bytes: bigint): string {
-  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let n = Number(bytes);
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return i === 0 ? `${bytes} bytes` : `${Number.isInteger(n) ? n : n.toFixed(1)} ${units[i]}`;
+  return bytes < 1024n ? `${bytes} bytes` : formatBytes(Number(bytes));
 }
 
 /** Flag names for people: "read-only, flush, fua, trim, multi-conn". */
