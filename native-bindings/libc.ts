@@ -40,6 +40,8 @@ interface Bindings {
   dup: Fn;
   ioctl: Fn;
   ioctlAsync: Fn;
+  preadv2: Fn;
+  fallocateAsync: Fn;
   setsockopt: Fn;
   getsockopt: Fn;
   mknod: Fn;
@@ -65,6 +67,9 @@ function lib(): Bindings {
     // Prefer the canonical name when two share a number (EAGAIN/EWOULDBLOCK, EDEADLK/EDEADLOCK, ENOTSUP/EOPNOTSUPP).
     if (!errnoNames.has(value) || ['EAGAIN', 'EDEADLK', 'EOPNOTSUPP'].includes(name)) errnoNames.set(value, name);
   }
+  // struct iovec (sys/uio.h); koffi passes a Buffer given for `base` as a pointer to its memory.
+  const iovec = koffi.struct('nbd_attach_iovec', { base: 'void *', len: 'size_t' });
+  const fallocate = f('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
   bindings = {
     koffi,
     socket: f('int socket(int domain, int type, int protocol)'),
@@ -76,6 +81,8 @@ function lib(): Bindings {
     dup: f('int dup(int fd)'),
     ioctl,
     ioctlAsync: (ioctl as unknown as { async: Fn }).async,
+    preadv2: libc.func('intptr_t preadv2(int fd, const nbd_attach_iovec *iov, int iovcnt, int64_t offset, int flags)') as unknown as Fn,
+    fallocateAsync: (fallocate as unknown as { async: Fn }).async,
     setsockopt: f('int setsockopt(int fd, int level, int optname, const void *optval, uint32_t optlen)'),
     getsockopt: f('int getsockopt(int fd, int level, int optname, _Out_ void *optval, _Inout_ uint32_t *optlen)'),
     mknod: f('int mknod(const char *path, uint32_t mode, uint64_t dev)'),
@@ -158,6 +165,41 @@ export function ioctlAsync(fd: number, request: number, arg: number | bigint = 0
       if (err) reject(err);
       else if (ret === -1) reject(new SyscallError(`ioctl(${name})`, b.koffi.errno()));
       else resolve(ret);
+    });
+  });
+}
+
+/** RWF_NOWAIT, include/uapi/linux/fs.h: "per-IO, return -EAGAIN if operation would block". */
+const RWF_NOWAIT = 0x08;
+
+/**
+ * preadv2(fd, [buf], offset, RWF_NOWAIT): read only what is already in the page cache, without
+ * blocking. Returns the bytes read (possibly fewer than asked), or null when the read would block
+ * (EAGAIN). Throws SyscallError otherwise; code EOPNOTSUPP means the file system does not support
+ * non-blocking reads (then it never will for this file).
+ */
+export function preadNowait(fd: number, buf: Uint8Array, offset: number): number | null {
+  const b = lib();
+  const n = Number(b.preadv2(fd, { base: buf, len: buf.length }, 1, offset, RWF_NOWAIT));
+  if (n >= 0) return n;
+  const e = b.koffi.errno();
+  if (e === b.koffi.os.errno.EAGAIN) return null;
+  throw new SyscallError('preadv2(RWF_NOWAIT)', e);
+}
+
+/** Mode bits of fallocate(2), include/uapi/linux/falloc.h. */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** fallocate(2) on a libuv pool thread (it may wait for the file system). Rejects with SyscallError. */
+export function fallocateAsync(fd: number, mode: number, offset: number, length: number): Promise<void> {
+  const b = lib();
+  return new Promise((resolve, reject) => {
+    b.fallocateAsync(fd, mode, offset, length, (err: unknown, ret: number) => {
+      if (err) reject(err);
+      else if (ret === -1) reject(new SyscallError('fallocate', b.koffi.errno()));
+      else resolve();
     });
   });
 }

@@ -3,8 +3,10 @@
 import fs, { constants as fsConstants, promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import * as libc from '../../native-bindings/libc.ts';
 import { NbdError } from '../errors.ts';
 import type { Backend } from './export.ts';
+import { InlineGuard } from './inline-io.ts';
 import { formatSize } from './size.ts';
 
 /** Largest zero buffer written at once by WRITE_ZEROES on a file (shared, never modified). */
@@ -58,7 +60,8 @@ export async function openFileBackend(path: string, opts: FileBackendOptions = {
 }
 
 // The callback forms of fs.read/fs.write on the raw fd: measurably less overhead per request than
-// FileHandle.read/write (no per-call object allocation and FileHandle bookkeeping).
+// FileHandle.read/write (no per-call object allocation and FileHandle bookkeeping). These run on the
+// libuv pool; the inline fast paths (readNow/writeNow) are tried first.
 function pread(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
 }
@@ -66,9 +69,17 @@ function pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: numb
   return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
+const shortRead = (at: number): Error => Object.assign(new Error(`short read at ${at}`), { code: 'EIO' });
+
 class FileBackend implements Backend {
-  readonly canMultiConn = true; // one FileHandle per export, no userspace cache
+  readonly canMultiConn = true; // one fd per export, no userspace cache
   readonly description: string;
+  /** preadv2(RWF_NOWAIT) works on this file (until it reports EOPNOTSUPP). */
+  private nowaitReads = true;
+  /** fallocate modes the file system refused (EOPNOTSUPP): not tried again. */
+  private unsupportedFalloc = 0;
+  private readonly guard = new InlineGuard();
+
   constructor(
     private readonly fh: FileHandle,
     readonly path: string,
@@ -78,17 +89,50 @@ class FileBackend implements Backend {
     this.description = `file ${resolve(path)}`;
   }
 
+  /**
+   * Inline read: from the page cache without blocking (RWF_NOWAIT) when the file system supports it,
+   * else a plain pread under the InlineGuard. False: not (all) cached, or the guard says pool.
+   */
+  readNow(offset: number, buf: Buffer): boolean {
+    if (this.nowaitReads) {
+      try {
+        return libc.preadNowait(this.fh.fd, buf, offset) === buf.length;
+      } catch (err) {
+        if (err instanceof libc.SyscallError && err.code !== 'EOPNOTSUPP') throw err; // a real I/O error
+        this.nowaitReads = false; // unsupported here (or no FFI): fall through to the guarded path
+      }
+    }
+    if (!this.guard.allowed) return false;
+    this.guard.run(buf.length, () => {
+      let done = 0;
+      while (done < buf.length) {
+        const n = fs.readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
+        if (n === 0) throw shortRead(offset + done);
+        done += n;
+      }
+    });
+    return true;
+  }
+
   async read(offset: number, buf: Buffer): Promise<void> {
     const length = buf.length;
     let done = 0;
     while (done < length) {
       const bytesRead = await pread(this.fh.fd, buf, done, length - done, offset + done);
-      if (bytesRead === 0) {
-        // The file shrank under us: report an I/O error rather than inventing data.
-        throw Object.assign(new Error(`short read at ${offset + done}`), { code: 'EIO' });
-      }
+      // The file shrank under us: report an I/O error rather than inventing data.
+      if (bytesRead === 0) throw shortRead(offset + done);
       done += bytesRead;
     }
+  }
+
+  /** Inline write into the page cache under the InlineGuard; FUA writes go to the pool (fdatasync). */
+  writeNow(offset: number, data: Uint8Array, fua: boolean): boolean {
+    if (fua || !this.guard.allowed) return false;
+    this.guard.run(data.length, () => {
+      let done = 0;
+      while (done < data.length) done += fs.writeSync(this.fh.fd, data, done, data.length - done, offset + done);
+    });
+    return true;
   }
 
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
@@ -100,20 +144,42 @@ class FileBackend implements Backend {
     if (fua) await this.fh.datasync();
   }
 
-  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
-    const z = zeros();
-    let done = 0;
-    while (done < length) {
-      const n = Math.min(z.length, length - done);
-      await this.write(offset + done, z.subarray(0, n), false);
-      done += n;
+  /**
+   * fallocate(2) with `mode`; false when the file system does not support that mode (EOPNOTSUPP,
+   * remembered) or FFI is unavailable, so the caller falls back. Other errors are thrown.
+   */
+  private async falloc(mode: number, offset: number, length: number): Promise<boolean> {
+    if (this.unsupportedFalloc & mode) return false;
+    try {
+      await libc.fallocateAsync(this.fh.fd, mode, offset, length);
+      return true;
+    } catch (err) {
+      if (err instanceof libc.SyscallError && err.code !== 'EOPNOTSUPP' && err.code !== 'ENOSYS') throw err;
+      this.unsupportedFalloc |= mode;
+      return false;
+    }
+  }
+
+  // proto.md "NBD_CMD_WRITE_ZEROES": without NO_HOLE the server may punch a hole; either way the range
+  // must read back as zeros. Punching keeps the file size (KEEP_SIZE); ZERO_RANGE keeps the blocks
+  // allocated; a file system with neither gets zeros written.
+  async writeZeroes(offset: number, length: number, fua: boolean, mayTrim = false): Promise<void> {
+    const done =
+      (mayTrim && (await this.falloc(libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length))) ||
+      (await this.falloc(libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE, offset, length));
+    if (!done) {
+      const z = zeros();
+      for (let pos = 0; pos < length; pos += z.length) {
+        await this.write(offset + pos, z.subarray(0, Math.min(z.length, length - pos)), false);
+      }
     }
     if (fua) await this.fh.datasync();
   }
 
-  // TRIM is a hint (proto.md "NBD_CMD_TRIM": the server MAY discard). Without fallocate(PUNCH_HOLE)
-  // in Node there is nothing cheaper than leaving the data alone, which is correct.
-  async trim(_offset: number, _length: number, fua: boolean): Promise<void> {
+  // proto.md "NBD_CMD_TRIM": a hint; the server MAY discard. Punch a hole where the file system can
+  // (space goes back to it); elsewhere leaving the data alone is correct.
+  async trim(offset: number, length: number, fua: boolean): Promise<void> {
+    await this.falloc(libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
     if (fua) await this.fh.datasync();
   }
 
@@ -151,15 +217,20 @@ export class MemoryBackend implements Backend {
     return this.chunks.size * MEMORY_CHUNK;
   }
 
-  async read(offset: number, out: Buffer): Promise<void> {
+  readNow(offset: number, out: Buffer): boolean {
     this.each(offset, out.length, (idx, within, n, outPos) => {
       const c = this.chunks.get(idx);
       if (c) c.copy(out, outPos, within, within + n);
       else out.fill(0, outPos, outPos + n);
     });
+    return true;
   }
 
-  async write(offset: number, data: Uint8Array, _fua: boolean): Promise<void> {
+  async read(offset: number, out: Buffer): Promise<void> {
+    this.readNow(offset, out);
+  }
+
+  writeNow(offset: number, data: Uint8Array, _fua: boolean): boolean {
     this.each(offset, data.length, (idx, within, n, pos) => {
       let c = this.chunks.get(idx);
       if (!c) {
@@ -168,6 +239,11 @@ export class MemoryBackend implements Backend {
       }
       c.set(data.subarray(pos, pos + n), within);
     });
+    return true;
+  }
+
+  async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    this.writeNow(offset, data, fua);
   }
 
   async writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {

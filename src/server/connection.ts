@@ -223,6 +223,17 @@ class Connection implements ServedConnection {
   private pump(): void {
     const reader = this.reader;
     if (!reader) return;
+    // Replies produced while framing (the fast path answers at once) leave in one writev at the end.
+    const corked = this.socket.writable;
+    if (corked) this.socket.cork();
+    try {
+      this.frame(reader);
+    } finally {
+      if (corked) this.socket.uncork();
+    }
+  }
+
+  private frame(reader: RequestReader): void {
     while (!this.stopReading) {
       if (this.inFlight >= this.maxInFlight || this.inFlightBytes >= this.maxInFlightBytes) {
         this.pause();
@@ -306,53 +317,83 @@ class Connection implements ServedConnection {
       this.replyError(req, verdict.error, verdict.message, release);
       return;
     }
-    this.execute(req, payload).then(
-      (data) => {
-        if (payload) this.pool.give(payload); // the backend is done with it
-        this.replyOk(req, data, () => {
-          if (data) this.pool.give(data); // the socket is done with it
-          release();
-        });
-      },
-      (err: unknown) => {
-        if (payload) this.pool.give(payload);
-        const code = wireErrorOf(err);
-        log('%s cookie %s failed: %s', cmdName(req.type), req.cookie, (err as Error)?.message);
-        this.replyError(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, release);
-      },
+    // Fast path: a backend that can answer without blocking (page cache, memory) does so here, and
+    // the reply joins the others of this pump in one writev (see pump's cork).
+    const readBuf = req.type === Cmd.READ && req.length > 0 ? this.pool.take(req.length) : undefined;
+    let now: boolean;
+    try {
+      now = this.executeNow(req, payload, readBuf);
+    } catch (err) {
+      this.failed(req, payload, readBuf, err, release);
+      return;
+    }
+    if (now) {
+      this.succeeded(req, payload, readBuf, release);
+      return;
+    }
+    let kept = payload;
+    if (payload && item.kind === 'request' && item.transient) {
+      // The payload is a view of the read buffer, which the next socket read overwrites.
+      kept = this.pool.take(payload.length);
+      payload.copy(kept);
+    }
+    this.execute(req, kept, readBuf).then(
+      () => this.succeeded(req, kept, readBuf, release),
+      (err: unknown) => this.failed(req, kept, readBuf, err, release),
     );
   }
 
-  private async execute(req: Request, payload: Buffer | undefined): Promise<Buffer | undefined> {
+  private succeeded(req: Request, payload: Buffer | undefined, data: Buffer | undefined, release: () => void): void {
+    if (payload) this.pool.give(payload); // the backend is done with it
+    this.replyOk(req, data, () => {
+      if (data) this.pool.give(data); // the socket is done with it
+      release();
+    });
+  }
+
+  private failed(req: Request, payload: Buffer | undefined, data: Buffer | undefined, err: unknown, release: () => void): void {
+    if (payload) this.pool.give(payload);
+    if (data) this.pool.give(data);
+    const code = wireErrorOf(err);
+    log('%s cookie %s failed: %s', cmdName(req.type), req.cookie, (err as Error)?.message);
+    this.replyError(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, release);
+  }
+
+  /** Run a READ or WRITE now if the backend can without blocking; false: use `execute`. Throws on I/O errors. */
+  private executeNow(req: Request, payload: Buffer | undefined, readBuf: Buffer | undefined): boolean {
+    const b = this.exp!.backend;
+    switch (req.type) {
+      case Cmd.READ:
+        return readBuf === undefined || (b.readNow?.(Number(req.offset), readBuf) ?? false);
+      case Cmd.WRITE:
+        return !payload || payload.length === 0 || (b.writeNow?.(Number(req.offset), payload, (req.flags & CmdFlag.FUA) !== 0) ?? false);
+      default:
+        return false;
+    }
+  }
+
+  private async execute(req: Request, payload: Buffer | undefined, readBuf: Buffer | undefined): Promise<void> {
     const b = this.exp!.backend;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
     const offset = Number(req.offset);
     switch (req.type) {
-      case Cmd.READ: {
-        if (req.length === 0) return undefined;
-        const buf = this.pool.take(req.length);
-        try {
-          await b.read(offset, buf);
-        } catch (err) {
-          this.pool.give(buf);
-          throw err;
-        }
-        return buf;
-      }
+      case Cmd.READ:
+        if (readBuf) await b.read(offset, readBuf);
+        return;
       case Cmd.WRITE:
         if (payload && payload.length > 0) await b.write(offset, payload, fua);
-        return undefined;
+        return;
       case Cmd.WRITE_ZEROES:
-        if (req.length > 0) await b.writeZeroes(offset, req.length, fua);
-        return undefined;
+        if (req.length > 0) await b.writeZeroes(offset, req.length, fua, (req.flags & CmdFlag.NO_HOLE) === 0);
+        return;
       case Cmd.TRIM:
         if (req.length > 0) await b.trim(offset, req.length, fua);
-        return undefined;
+        return;
       case Cmd.FLUSH:
         await b.flush();
-        return undefined;
+        return;
       case Cmd.CACHE:
-        return undefined; // a hint; the page cache does the rest
+        return; // a hint; the page cache does the rest
       default:
         throw new Error(`unexpected ${cmdName(req.type)}`);
     }

@@ -20,9 +20,19 @@ export interface Backend {
   readonly description: string;
   /** Fill `into` entirely with the bytes at `offset`. */
   read(offset: number, into: Buffer): Promise<void>;
+  /**
+   * Optional fast path: fill `into` now, on the caller's stack, if that cannot block; return false
+   * (having changed nothing the caller relies on) when `read` must be used instead. Throws on I/O errors.
+   */
+  readNow?(offset: number, into: Buffer): boolean;
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
-  /** Must leave the range reading back as zeros. */
-  writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Optional fast path for `write`, as `readNow`: `data` may be reused by the caller once it returns. */
+  writeNow?(offset: number, data: Uint8Array, fua: boolean): boolean;
+  /**
+   * Must leave the range reading back as zeros. `mayTrim`: the client allows deallocating the range
+   * (NBD_CMD_FLAG_NO_HOLE not set, proto.md "NBD_CMD_WRITE_ZEROES").
+   */
+  writeZeroes(offset: number, length: number, fua: boolean, mayTrim?: boolean): Promise<void>;
   /** A hint: may discard the range (reads then return unspecified data) or do nothing. */
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   /** Persist every completed write (fdatasync for files). */

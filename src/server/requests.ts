@@ -7,8 +7,12 @@ import { decodeRequest, type Request } from '../protocol/codec.ts';
 import { ByteQueue } from './byte-queue.ts';
 
 export type Incoming =
-  /** A request; WRITE carries its payload (a view into the received chunk when it fit in one). */
-  | { kind: 'request'; req: Request; payload?: Buffer }
+  /**
+   * A request; WRITE carries its payload (a view into the received chunk when it fit in one).
+   * `transient`: the payload is a view of memory the reader's owner reuses (a read buffer), valid
+   * only until it is handed more input; copy it to keep it longer.
+   */
+  | { kind: 'request'; req: Request; payload?: Buffer; transient?: boolean }
   /** A WRITE longer than the maximum payload: its data was read and discarded, answer EINVAL. */
   | { kind: 'discarded-write'; req: Request };
 
@@ -25,8 +29,11 @@ export class RequestReader {
     private readonly maxPayload: number,
     /** Allocates payload buffers (a pool in the server; plain allocation by default). */
     private readonly alloc: (n: number) => Buffer = (n) => Buffer.allocUnsafe(n),
-    /** Never hand out payloads that are views of pushed chunks (the chunks' memory gets reused). */
-    private readonly copyPayloads = false,
+    /**
+     * The memory of pushed chunks gets reused: payloads that are views of it are marked `transient`
+     * (and payloads spanning several reads are assembled in `alloc`ed buffers).
+     */
+    private readonly reusedInput = false,
   ) {}
 
   /**
@@ -81,9 +88,9 @@ export class RequestReader {
             this.st = { phase: 'discard', req, remaining: req.length };
             continue;
           }
-          if (this.queue.length >= req.length && !this.copyPayloads) {
+          if (this.queue.length >= req.length) {
             // Whole payload already here: a view when it sits in one chunk, else one copy.
-            return { kind: 'request', req, payload: this.queue.take(req.length) };
+            return { kind: 'request', req, payload: this.queue.take(req.length), ...(this.reusedInput && { transient: true }) };
           }
           this.st = { phase: 'payload', req, buf: this.alloc(req.length), filled: 0 };
           continue;

@@ -1,7 +1,7 @@
 // Backends (memory, file), size parsing, export planning for `serve`.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -11,6 +11,7 @@ import { MEMORY_CHUNK, MemoryBackend, openFileBackend } from '../../src/server/b
 import { findExport, transmissionFlags, type Backend, type ServedExport } from '../../src/server/export.ts';
 import { BufferPool } from '../../src/server/buffer-pool.ts';
 import { formatSize, parseSize } from '../../src/server/size.ts';
+import { InlineGuard } from '../../src/server/inline-io.ts';
 import { TransmissionFlag } from '../../src/protocol/constants.ts';
 
 /** Read into a buffer pre-filled with 0xee, so holes that are not zero-filled show up. */
@@ -70,13 +71,48 @@ describe('file backend', () => {
     await b.write(100, Buffer.from('hello'), true);
     assert.equal((await rd(b, 98, 9)).toString('hex'), '1111' + Buffer.from('hello').toString('hex') + '1111');
     await b.writeZeroes(1000, (1 << 20) - 2000, false);
-    await b.trim(0, 4096, false); // a hint: must not fail
     await b.flush();
     await b.close();
     const onDisk = readFileSync(f);
     assert.equal(onDisk.subarray(100, 105).toString(), 'hello');
     assert.deepEqual(onDisk.subarray(1000, (1 << 20) - 1000), Buffer.alloc((1 << 20) - 2000));
     assert.deepEqual(onDisk.subarray((1 << 20) - 1000), Buffer.alloc(1000, 0x11));
+  });
+
+  it('TRIM and WRITE_ZEROES that may trim punch holes (blocks return to the file system); NO_HOLE zeroes keep them', async () => {
+    const f = path.join(dir, 'holes.img');
+    writeFileSync(f, Buffer.alloc(4 << 20, 0x22));
+    const blocks = (): number => statSync(f).blocks;
+    const b = await openFileBackend(f);
+    const full = blocks();
+    await b.trim(1 << 20, 1 << 20, false);
+    const afterTrim = blocks();
+    assert.ok(afterTrim <= full - 2048 + 64, `trim of 1 MiB freed ${full - afterTrim} sectors`);
+    await b.writeZeroes(2 << 20, 1 << 20, false, true);
+    const afterHole = blocks();
+    assert.ok(afterHole <= afterTrim - 2048 + 64, `write-zeroes that may trim freed ${afterTrim - afterHole} sectors`);
+    await b.writeZeroes(3 << 20, 4096, true, false); // NO_HOLE: still zeros on read
+    assert.ok(blocks() >= afterHole - 8, 'NO_HOLE zeroes do not deallocate');
+    assert.deepEqual(await rd(b, 2 << 20, 1 << 20), Buffer.alloc(1 << 20), 'a punched range reads back as zeros');
+    assert.deepEqual(await rd(b, 3 << 20, 4096), Buffer.alloc(4096));
+    assert.deepEqual(await rd(b, 0, 16), Buffer.alloc(16, 0x22), 'outside the ranges nothing changed');
+    assert.equal(statSync(f).size, 4 << 20, 'size kept');
+    await b.close();
+  });
+
+  it('inline fast paths read and write the same bytes as the pool paths', async () => {
+    const f = path.join(dir, 'inline.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x33));
+    const b = await openFileBackend(f);
+    assert.equal(b.writeNow!(4096, Buffer.from('inline'), false), true, 'a page-cache write runs inline');
+    assert.equal(b.writeNow!(8192, Buffer.from('fua'), true), false, 'FUA goes to the pool (fdatasync)');
+    const out = Buffer.alloc(10);
+    // Just written, so cached: the non-blocking read (or the guarded inline read) answers at once.
+    assert.equal(b.readNow!(4094, out), true);
+    assert.equal(out.toString('hex'), '3333' + Buffer.from('inline').toString('hex') + '3333');
+    assert.deepEqual(await rd(b, 4094, 10), out);
+    await b.close();
+    assert.throws(() => b.readNow!(0, Buffer.alloc(4)), /EBADF/, 'I/O errors are thrown, not taken as "would block"');
   });
 
   it('read-only open refuses writes at the OS level too', async () => {
@@ -172,5 +208,26 @@ describe('exports', () => {
     assert.throws(() => planExports([], [], [], none), /nothing to serve/);
     assert.throws(() => planExports(['/a/x.img', '/b/x.img'], [], [], none), /used twice/);
     assert.throws(() => planExports(['/a/x.img'], [], ['p', 'q'], none), /drop the extra --name/);
+  });
+});
+
+describe('InlineGuard', () => {
+  it('allows inline calls until one takes longer than its budget, then sends I/O to the pool for a while', () => {
+    let t = 0;
+    const g = new InlineGuard(() => t, 1000);
+    assert.equal(g.allowed, true);
+    g.run(4096, () => (t += 1)); // 1 ms for 4 KiB: a cache hit
+    assert.equal(g.allowed, true);
+    g.run(1 << 20, () => (t += 6)); // 6 ms for 1 MiB: within 2 + 5 ms
+    assert.equal(g.allowed, true);
+    g.run(4096, () => (t += 50)); // 50 ms for 4 KiB: the file system waited
+    assert.equal(g.slowCalls, 1);
+    assert.equal(g.allowed, false);
+    t += 999;
+    assert.equal(g.allowed, false);
+    t += 2;
+    assert.equal(g.allowed, true, 'tried inline again after the back-off');
+    assert.throws(() => g.run(1, () => { t += 10; throw new Error('EIO'); }), /EIO/);
+    assert.equal(g.allowed, false, 'a slow failing call counts too');
   });
 });

@@ -75,13 +75,22 @@ describe('RequestReader: direct reads and copied payloads', () => {
     assert.throws(() => r.filledDirect(1));
   });
 
-  it('with copyPayloads, never hands out a view of a pushed chunk', () => {
+  it('with reused input, marks payload views of a pushed chunk transient; assembled payloads are not', () => {
     const r = new RequestReader(1 << 20, undefined, true);
     const chunk = Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 4, 0, 1n)), Buffer.from('data')]);
     r.push(chunk);
-    const got = r.next() as { payload: Buffer };
-    chunk.fill(0); // the read buffer gets reused
-    assert.equal(got.payload.toString(), 'data');
+    const got = r.next() as { payload: Buffer; transient?: boolean };
+    assert.equal(got.transient, true);
+    assert.equal(got.payload.buffer, chunk.buffer, 'a view, no copy');
+    // A payload that spans two reads is assembled in memory of its own.
+    const first = Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 8, 0, 2n)), Buffer.from('abcd')]);
+    r.push(first);
+    assert.equal(r.next(), null);
+    first.fill(0); // the read buffer gets reused
+    r.push(Buffer.from('efgh'));
+    const second = r.next() as { payload: Buffer; transient?: boolean };
+    assert.equal(second.transient, undefined);
+    assert.equal(second.payload.toString(), 'abcdefgh');
   });
 });
 
