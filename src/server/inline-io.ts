@@ -5,11 +5,14 @@
 // 18k IOPS through the pool, 46k inline; docs/decisions.md "Built-in server: inline file I/O"). But a
 // call that waits on the disk (a cold read, writeback throttling) would stall every connection of the
 // process. Reads avoid that with preadv2(RWF_NOWAIT) where the file system supports it; everything
-// else runs inline under this guard: a call that took clearly longer than copying its bytes means
+// else runs inline under this guard (files on tmpfs/ramfs need none: nothing there waits for a disk): a call that took clearly longer than copying its bytes means
 // the file system waited, and I/O then goes to the pool for a while before inline is tried again.
 
-/** Time allowed for any inline call before it counts as having waited. */
-export const INLINE_SLOW_BASE_MS = 2;
+/**
+ * Time allowed for any inline call before it counts as having waited. Well above a scheduler time
+ * slice (~3-4 ms with two runnable tasks per CPU), so being preempted mid-call does not count.
+ */
+export const INLINE_SLOW_BASE_MS = 10;
 /** Extra time allowed per MiB moved (a slow, emulated CPU copies ~1 GiB/s; this is 5× slack). */
 export const INLINE_SLOW_PER_MIB_MS = 5;
 /** How long I/O stays on the pool after an inline call waited. */

@@ -216,9 +216,9 @@ describe('InlineGuard', () => {
     let t = 0;
     const g = new InlineGuard(() => t, 1000);
     assert.equal(g.allowed, true);
-    g.run(4096, () => (t += 1)); // 1 ms for 4 KiB: a cache hit
+    g.run(4096, () => (t += 8)); // 8 ms for 4 KiB: a cache hit, or preempted
     assert.equal(g.allowed, true);
-    g.run(1 << 20, () => (t += 6)); // 6 ms for 1 MiB: within 2 + 5 ms
+    g.run(1 << 20, () => (t += 14)); // 14 ms for 1 MiB: within 10 + 5 ms
     assert.equal(g.allowed, true);
     g.run(4096, () => (t += 50)); // 50 ms for 4 KiB: the file system waited
     assert.equal(g.slowCalls, 1);
@@ -227,7 +227,7 @@ describe('InlineGuard', () => {
     assert.equal(g.allowed, false);
     t += 2;
     assert.equal(g.allowed, true, 'tried inline again after the back-off');
-    assert.throws(() => g.run(1, () => { t += 10; throw new Error('EIO'); }), /EIO/);
+    assert.throws(() => g.run(1, () => { t += 20; throw new Error('EIO'); }), /EIO/);
     assert.equal(g.allowed, false, 'a slow failing call counts too');
   });
 });

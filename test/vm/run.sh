@@ -99,7 +99,7 @@ START=$SECONDS
 qemu-system-x86_64 \
   -nographic -no-reboot -m "$MEM" -smp 2 -cpu max -nic none $BIOS \
   -kernel "$KERNEL" -initrd "$CACHE/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 nbdvm=1" \
+  -append "console=ttyS0 quiet panic=-1 nbdvm=1 ${VM_APPEND:-}" \
   -virtfs "local,path=/,mount_tag=nbdvm_root,$P9,readonly=on" \
   -virtfs "local,path=$CACHE/kernel-root,mount_tag=nbdvm_kroot,$P9,readonly=on" \
   -virtfs "local,path=$CWD,mount_tag=nbdvm_work,$P9,readonly=on" \
