@@ -274,24 +274,30 @@ export function encodeRequest(r: Request): Buffer {
 
 export function decodeRequest(b: Uint8Array): Request {
   need(b, REQUEST_LENGTH, 'request');
-  const v = view(b);
-  const magic = v.getUint32(0);
+  // Buffer's own readers: no DataView per request (the server decodes one per request).
+  const v = Buffer.isBuffer(b) ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+  const magic = v.readUInt32BE(0);
   if (magic !== REQUEST_MAGIC) throw protocolError(`request: bad magic 0x${magic.toString(16)}`);
   return {
-    flags: v.getUint16(4),
-    type: v.getUint16(6),
-    cookie: v.getBigUint64(8),
-    offset: v.getBigUint64(16),
-    length: v.getUint32(24),
+    flags: v.readUInt16BE(4),
+    type: v.readUInt16BE(6),
+    cookie: v.readBigUInt64BE(8),
+    offset: v.readBigUInt64BE(16),
+    length: v.readUInt32BE(24),
   };
 }
 
 export function encodeSimpleReply(error: number, cookie: bigint): Buffer {
   const b = Buffer.alloc(SIMPLE_REPLY_LENGTH);
-  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(error, 4);
-  b.writeBigUInt64BE(cookie, 8);
+  encodeSimpleReplyInto(b, 0, error, cookie);
   return b;
+}
+
+/** Write a simple reply header (SIMPLE_REPLY_LENGTH bytes) into `b` at `at`. */
+export function encodeSimpleReplyInto(b: Buffer, at: number, error: number, cookie: bigint): void {
+  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, at);
+  b.writeUInt32BE(error, at + 4);
+  b.writeBigUInt64BE(cookie, at + 8);
 }
 
 export function decodeSimpleReply(b: Uint8Array): { error: number; cookie: bigint } {

@@ -106,9 +106,21 @@ class FileBackend implements Backend {
     this.guard = inMemory ? undefined : new InlineGuard();
   }
 
-  private inline(bytes: number, fn: () => void): void {
-    if (this.guard) this.guard.run(bytes, fn);
-    else fn();
+  /** False once the FFI turned out to be unavailable: then only the pool paths are used. */
+  private ffi = true;
+
+  /** Run `fn` inline (timed by the guard when there is one); false if it could not run. */
+  private inline(bytes: number, fn: () => void): boolean {
+    if (!this.ffi || (this.guard && !this.guard.allowed)) return false;
+    try {
+      if (this.guard) this.guard.run(bytes, fn);
+      else fn();
+      return true;
+    } catch (err) {
+      if (err instanceof libc.SyscallError || (err as { code?: string }).code === 'EIO') throw err;
+      this.ffi = false; // koffi or libc could not be loaded: not an I/O error
+      return false;
+    }
   }
 
   /**
@@ -124,16 +136,14 @@ class FileBackend implements Backend {
         this.nowaitReads = false; // unsupported here (or no FFI): fall through to the guarded path
       }
     }
-    if (this.guard && !this.guard.allowed) return false;
-    this.inline(buf.length, () => {
-      let done = 0;
+    return this.inline(buf.length, () => {
+      let done = libc.pread(this.fh.fd, buf, offset);
       while (done < buf.length) {
-        const n = fs.readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
+        const n = libc.pread(this.fh.fd, buf.subarray(done), offset + done);
         if (n === 0) throw shortRead(offset + done);
         done += n;
       }
     });
-    return true;
   }
 
   async read(offset: number, buf: Buffer): Promise<void> {
@@ -149,12 +159,11 @@ class FileBackend implements Backend {
 
   /** Inline write into the page cache under the InlineGuard; FUA writes go to the pool (fdatasync). */
   writeNow(offset: number, data: Uint8Array, fua: boolean): boolean {
-    if (fua || (this.guard && !this.guard.allowed)) return false;
-    this.inline(data.length, () => {
-      let done = 0;
-      while (done < data.length) done += fs.writeSync(this.fh.fd, data, done, data.length - done, offset + done);
+    if (fua) return false;
+    return this.inline(data.length, () => {
+      let done = libc.pwrite(this.fh.fd, data, offset);
+      while (done < data.length) done += libc.pwrite(this.fh.fd, data.subarray(done), offset + done);
     });
-    return true;
   }
 
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {

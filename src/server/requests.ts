@@ -127,6 +127,10 @@ export interface Verdict {
 
 const OK: Verdict = { error: 0, message: '' };
 
+function refuse(type: number, error: number, message: string): Verdict {
+  return { error, message: `${cmdName(type)}: ${message}` };
+}
+
 /** Command flags each command accepts (proto.md "Command flags"); FUA is valid on every command. */
 function allowedFlags(type: number, structured: boolean): number {
   switch (type) {
@@ -146,8 +150,7 @@ function allowedFlags(type: number, structured: boolean): number {
  * unknown commands and flags, and payloads over the maximum.
  */
 export function checkRequest(req: Request, lim: ExportLimits): Verdict {
-  const name = cmdName(req.type);
-  const bad = (error: number, message: string): Verdict => ({ error, message: `${name}: ${message}` });
+  // (No closures in this per-request path: tsx's keepNames makes each one a defineProperty call.)
   switch (req.type) {
     case Cmd.READ:
     case Cmd.WRITE:
@@ -157,21 +160,23 @@ export function checkRequest(req: Request, lim: ExportLimits): Verdict {
     case Cmd.FLUSH:
       break;
     default:
-      return bad(WireErr.EINVAL, 'unsupported command');
+      return refuse(req.type, WireErr.EINVAL, 'unsupported command');
   }
   const extra = req.flags & ~allowedFlags(req.type, lim.structured);
-  if (extra) return bad(WireErr.EINVAL, `flags 0x${extra.toString(16)} not valid for this command`);
+  if (extra) return refuse(req.type, WireErr.EINVAL, `flags 0x${extra.toString(16)} not valid for this command`);
   if (req.type === Cmd.FLUSH) return OK; // offset and length are reserved: ignored
   const writes = req.type === Cmd.WRITE || req.type === Cmd.TRIM || req.type === Cmd.WRITE_ZEROES;
-  if (writes && lim.readOnly) return bad(WireErr.EPERM, 'export is read-only');
+  if (writes && lim.readOnly) return refuse(req.type, WireErr.EPERM, 'export is read-only');
   if ((req.type === Cmd.READ || req.type === Cmd.WRITE) && req.length > lim.maxPayload) {
     // Structured replies may split a READ; we refuse instead (EOVERFLOW, proto.md "NBD_CMD_READ").
     const err = req.type === Cmd.READ && lim.structured ? WireErr.EOVERFLOW : WireErr.EINVAL;
-    return bad(err, `length ${req.length} exceeds the maximum payload ${lim.maxPayload}`);
+    return refuse(req.type, err, `length ${req.length} exceeds the maximum payload ${lim.maxPayload}`);
   }
-  if (req.offset + BigInt(req.length) > BigInt(lim.size)) {
+  // In Numbers (no BigInt per request): lim.size is a safe integer, and an offset too large to be one
+  // still rounds to a value above it.
+  if (Number(req.offset) + req.length > lim.size) {
     const err = req.type === Cmd.WRITE || req.type === Cmd.WRITE_ZEROES ? WireErr.ENOSPC : WireErr.EINVAL;
-    return bad(err, `offset ${req.offset} + length ${req.length} is beyond the export size ${lim.size}`);
+    return refuse(req.type, err, `offset ${req.offset} + length ${req.length} is beyond the export size ${lim.size}`);
   }
   return OK;
 }
