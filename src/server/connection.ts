@@ -27,6 +27,13 @@ const sharedPool = new BufferPool();
 const SCRATCH_SIZE = 256 * 1024;
 /** Below this many missing payload bytes, read into the scratch buffer instead. */
 const DIRECT_MIN = 16 * 1024;
+/**
+ * After a large WRITE, the next request's header is read with a small read, so that little of the
+ * payload that likely follows lands in the scratch buffer (to be copied) instead of straight in
+ * its own buffer. Measured in the test VM: a quarter of 1 MiB payloads was copied twice otherwise.
+ */
+const SMALL_READ = 4096;
+const BIG_WRITE = 64 * 1024;
 
 /**
  * Simple replies produced while one burst of requests is framed are laid out back to back in one
@@ -131,6 +138,9 @@ class Connection implements ServedConnection {
   private resolveDone!: () => void;
   private readonly socket: Duplex;
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
+  private readonly scratchSmall = this.scratch.subarray(0, SMALL_READ);
+  /** The last request framed was a large WRITE: read the next header with a small read. */
+  private afterBigWrite = false;
   private direct: Buffer | undefined;
   /** True while pump() frames a burst: simple replies then go to the arena. */
   private batching = false;
@@ -179,15 +189,16 @@ class Connection implements ServedConnection {
   /** Node's onread asks where the next read lands: the rest of a WRITE payload, or the scratch buffer. */
   private nextReadBuffer(): Uint8Array {
     this.direct = this.reader && !this.stopReading ? this.reader.directTarget(DIRECT_MIN) : undefined;
-    return this.direct ?? this.scratch;
+    return this.direct ?? (this.afterBigWrite ? this.scratchSmall : this.scratch);
   }
 
   private onUserRead(n: number, buf: Uint8Array): void {
     if (this.direct && buf === this.direct) {
       this.direct = undefined;
       if (this.phase !== 'transmission' || this.stopReading) return;
-      this.reader!.filledDirect(n);
-      this.pump();
+      // Mid-payload there is nothing to frame: go straight back to reading (a 1 MiB payload
+      // arrives in ~16 reads; under emulation each pump costs tens of µs).
+      if (this.reader!.filledDirect(n)) this.pump();
       return;
     }
     if (this.phase === 'handshake') {
@@ -351,6 +362,7 @@ class Connection implements ServedConnection {
 
   private dispatch(item: Incoming): void {
     const { req } = item;
+    this.afterBigWrite = req.type === Cmd.WRITE && req.length >= BIG_WRITE;
     const lim = this.limits!;
     if (item.kind === 'request' && req.type === Cmd.DISC) {
       // proto.md "NBD_CMD_DISC": handle outstanding requests, then close. No reply.

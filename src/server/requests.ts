@@ -47,10 +47,12 @@ export class RequestReader {
     return st.buf.subarray(st.filled);
   }
 
-  filledDirect(n: number): void {
+  /** Returns true when the payload is now complete (next() will hand it out). */
+  filledDirect(n: number): boolean {
     const st = this.st;
     if (st.phase !== 'payload' || st.filled + n > st.buf.length) throw new Error('RequestReader.filledDirect out of step');
     st.filled += n;
+    return st.filled === st.buf.length;
   }
 
   /** See ByteQueue.detach: call before the memory of pushed chunks is reused. */

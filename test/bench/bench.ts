@@ -66,11 +66,11 @@ const JOBS: { name: string; rw: string; bs: string; depth: number }[] = [
   { name: 'rand-write-4k-qd16', rw: 'randwrite', bs: '4k', depth: 16 },
 ];
 
-async function fio(dev: string, job: (typeof JOBS)[number]): Promise<FioResult> {
+async function fio(dev: string, job: (typeof JOBS)[number], seconds = FIO_SECONDS): Promise<FioResult> {
   const r = await mustRun('fio', [
     '--name=b', `--filename=${dev}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.depth}`, '--ioengine=libaio', '--direct=1',
-    '--size=48M', '--time_based', `--runtime=${FIO_SECONDS}`, '--output-format=json',
-  ], { timeoutMs: (FIO_SECONDS + 60) * 1000 });
+    '--size=48M', '--time_based', `--runtime=${seconds}`, '--output-format=json',
+  ], { timeoutMs: (seconds + 60) * 1000 });
   const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
   return { readMBs: j.read.bw / 1024, writeMBs: j.write.bw / 1024, readIops: j.read.iops, writeIops: j.write.iops };
 }
@@ -109,7 +109,8 @@ async function clientThroughput(): Promise<void> {
 /**
  * All three servers run at once on the same image; each fio job is measured on each server in turn,
  * SERVER_REPS times with the order rotated, and the median is reported. Single runs in the emulated
- * VM vary by ±30% from one to the next, more than the differences being measured.
+ * VM vary by ±30% from one to the next, more than the differences being measured. Every server gets
+ * the same unmeasured warm-up first.
  */
 const SERVER_REPS = Number(process.env.BENCH_SERVER_REPS ?? 3);
 
@@ -122,6 +123,9 @@ async function serverThroughput(): Promise<void> {
   ];
   const servers = [];
   for (const d of defs) servers.push({ ...d, srv: await d.start() });
+  // Warm-up, not measured, the same for every server: ours is JIT-compiled while it runs (V8 under
+  // emulation needs seconds of traffic to reach its optimized code); the others start optimized.
+  for (const s of servers) for (const job of JOBS) await withNbdClient(s.srv.port, s.export, (d) => fio(d, job, 2));
   const runs = new Map<string, number[]>(); // "server/job" -> figures
   for (let rep = 0; rep < SERVER_REPS; rep++) {
     for (const job of JOBS) {
