@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { Duplex } from 'node:stream';
 import { after, describe, it } from 'node:test';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -536,5 +537,45 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     const back = await c.reply(new Map([[4n, big.length]]));
     assert.ok(back.data?.equals(big), 'big write reads back intact');
     await c.close();
+  });
+
+  it('a burst of requests answered inline leaves in one write, READ data behind its header', { timeout: TIMEOUT }, async () => {
+    // A Duplex that records every write the server makes; client bytes are pushed into it.
+    const writes: Buffer[] = [];
+    const wire = new Duplex({
+      read() {},
+      write(chunk: Buffer, _enc, cb) {
+        writes.push(Buffer.from(chunk));
+        cb();
+      },
+    });
+    const exp = memoryExport(1 << 20, { name: 'b' });
+    await exp.backend.write(0, Buffer.alloc(1 << 16, 0x5a), false);
+    const served = serveConnection(wire, [exp], { userBuffers: false });
+    wire.push(Buffer.concat([Buffer.from('00000003', 'hex'), encodeOption(Opt.GO, encodeInfoRequest('b', []))]));
+    for (let i = 0; i < 50 && served.phase !== 'transmission'; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(served.phase, 'transmission');
+    writes.length = 0;
+    const burst: Buffer[] = [];
+    for (let i = 0; i < 16; i++) burst.push(encodeRequest({ type: Cmd.READ, flags: 0, cookie: BigInt(i + 1), offset: BigInt(i * 512), length: 512 }));
+    burst.push(encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: 99n, offset: 0n, length: 3 }), Buffer.from('abc'));
+    wire.push(Buffer.concat(burst));
+    for (let i = 0; i < 50 && writes.length === 0; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(writes.length, 1, `one write for the burst (got ${writes.length})`);
+    const out = writes[0]!;
+    assert.equal(out.length, 16 * (16 + 512) + 16);
+    for (let i = 0; i < 16; i++) {
+      const at = i * (16 + 512);
+      assert.equal(out.readUInt32BE(at), SIMPLE_REPLY_MAGIC);
+      assert.equal(out.readUInt32BE(at + 4), 0);
+      assert.equal(out.readBigUInt64BE(at + 8), BigInt(i + 1));
+      assert.deepEqual(out.subarray(at + 16, at + 16 + 512), Buffer.alloc(512, 0x5a));
+    }
+    assert.equal(out.readBigUInt64BE(16 * 528 + 8), 99n, 'the WRITE ack joins the same write');
+    const back = Buffer.alloc(3);
+    await exp.backend.read(0, back);
+    assert.equal(back.toString(), 'abc');
+    wire.push(null);
+    await served.done;
   });
 });
