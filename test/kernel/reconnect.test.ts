@@ -24,6 +24,7 @@ import {
   run,
   type RunResult,
   startNbdkit,
+  type ServerHandle,
   tmpFile,
   waitFor,
 } from './lib.ts';
@@ -162,21 +163,30 @@ test('every socket handed to the kernel gets keepalive and TCP_USER_TIMEOUT', as
   srv.close();
 });
 
+/**
+ * Start 40 s of fio on nbdN; once `writes` more writes completed, SIGKILL the server, keep it down
+ * `downMs`, check fio is still running across the outage, restart the server. Returns fio's result.
+ */
+async function restartUnderFio(server: ServerHandle, index: number, writes: number, downMs: number): Promise<RunResult> {
+  const fio = startFio(`/dev/nbd${index}`, 40);
+  let fioDone = false;
+  void fio.then(() => (fioDone = true));
+  const w0 = writesCompleted(index);
+  await waitFor(() => writesCompleted(index) > w0 + writes, 120_000, { what: `fio writing on nbd${index}` });
+  server.kill('SIGKILL');
+  await server.exited();
+  await delay(downMs);
+  assert.equal(fioDone, false, 'fio was still running across the outage');
+  await server.restart();
+  return fio;
+}
+
 test('server killed and restarted on the same port under fio --verify: zero I/O errors', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(DISK);
   const server = await startNbdkit(['file', disk]);
   const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd0']);
   assert.match(sup.readyLine, /^\/dev\/nbd0 attached: 64 MiB .*netlink.*supervisor pid \d+, logging to stderr$/);
-  const fio = startFio('/dev/nbd0', 40);
-  let fioDone = false;
-  void fio.then(() => (fioDone = true));
-  const w0 = writesCompleted(0);
-  await waitFor(() => writesCompleted(0) > w0 + 200, 120_000, { what: 'fio writing' });
-  server.kill('SIGKILL');
-  await server.exited();
-  await delay(3000);
-  assert.equal(fioDone, false, 'fio was still running across the outage');
-  await server.restart();
+  const fio = await restartUnderFio(server, 0, 200, 3000);
   const back = Date.now();
   const first = await probeRead('/dev/nbd0');
   const firstIo = Date.now() - back;
@@ -245,16 +255,7 @@ test('supervisor SIGKILLed during I/O: I/O continues, --reattach adopts, a resta
   const again = await cli(['--reattach', '/dev/nbd2']);
   assert.notEqual(again.code, 0);
   assert.match(again.stderr, new RegExp(`already supervised by pid ${pid2}`));
-  const fio2 = startFio('/dev/nbd2', 40);
-  let fioDone = false;
-  void fio2.then(() => (fioDone = true));
-  const w2 = writesCompleted(2);
-  await waitFor(() => writesCompleted(2) > w2 + 100, 120_000, { what: 'fio writing again' });
-  server.kill('SIGKILL');
-  await server.exited();
-  await delay(2000);
-  assert.equal(fioDone, false, 'fio still running across the outage');
-  await server.restart();
+  const fio2 = await restartUnderFio(server, 2, 100, 2000);
   assertFioClean(await fio2, 'adopted supervisor + server restart');
   const log = readFileSync(/log (\S+)/.exec(r.stdout)![1]!, 'utf8');
   assert.match(log, /adopted/);
