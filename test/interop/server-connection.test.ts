@@ -6,13 +6,13 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { Duplex } from 'node:stream';
 import { after, describe, it } from 'node:test';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Cmd, CmdFlag, Opt, Rep, ReplyType, STRUCTURED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, WireErr } from '../../src/protocol/constants.ts';
 import { encodeInfoRequest, encodeOption, encodeRequest, type Request } from '../../src/protocol/codec.ts';
 import { ByteQueue } from '../../src/server/byte-queue.ts';
-import { MemoryBackend } from '../../src/server/backends.ts';
+import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
@@ -537,6 +537,45 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     const back = await c.reply(new Map([[4n, big.length]]));
     assert.ok(back.data?.equals(big), 'big write reads back intact');
     await c.close();
+  });
+
+  it('large READs from a file interleave correctly with other replies, also when the client is slow to read', { timeout: TIMEOUT }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-bigread-'));
+    try {
+      const f = path.join(dir, 'disk.img');
+      const content = Buffer.alloc(24 << 20);
+      for (let i = 0; i < content.length; i += 4) content.writeUInt32BE((i ^ 0x9e3779b9) >>> 0, i);
+      writeFileSync(f, content);
+      const srv = await serve({ exports: [makeExport(await openFileBackend(f), 'f')] });
+      const { c } = await RawClient.open(srv, 'f');
+      const lengths = new Map<bigint, number>();
+      const want = new Map<bigint, Buffer>();
+      const read = (cookie: bigint, offset: number, length: number): void => {
+        c.send({ type: Cmd.READ, cookie, offset: BigInt(offset), length });
+        lengths.set(cookie, length);
+        want.set(cookie, content.subarray(offset, offset + length));
+      };
+      read(1n, 4096, 1 << 20);
+      read(2n, 0, 512); // small: answered inline, must not land inside reply 1's data
+      read(3n, 3 << 20, 300_001);
+      c.send({ type: Cmd.WRITE, cookie: 4n, offset: BigInt(23 << 20) }, Buffer.from('tail'));
+      read(5n, 5 << 20, 16 << 20); // larger than the socket buffers
+      c.socket.pause(); // and the client is slow to read
+      await new Promise((r) => setTimeout(r, 300));
+      c.socket.resume();
+      const got = new Map<bigint, { error: number; data?: Buffer }>();
+      for (let i = 0; i < 5; i++) {
+        const r = await c.reply(lengths);
+        got.set(r.cookie, r);
+      }
+      for (const [cookie, data] of want) assert.ok(got.get(cookie)?.data?.equals(data), `READ ${cookie} returned the file's bytes`);
+      assert.equal(got.get(4n)?.error, 0);
+      read(6n, 23 << 20, 4);
+      assert.equal((await c.reply(lengths)).data?.toString(), 'tail');
+      await c.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('a burst of requests answered inline leaves in one write, READ data behind its header', { timeout: TIMEOUT }, async () => {
