@@ -8,6 +8,7 @@
 # guest console to stdout, and exits with COMMAND's exit status. On timeout (default 1200 s)
 # it kills qemu and exits 124. Exit 125: the VM broke before reporting a status.
 # DEBUG, CI, NO_COLOR and FORCE_COLOR are passed through; add others with --env.
+# VM_APPEND adds options to the guest kernel's command line (e.g. VM_APPEND=tsc=reliable).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
