@@ -18,7 +18,7 @@ TIMEOUT=1200
 MEM=2048
 ENVS=()
 
-usage() { sed -n '2,12p' "$0"; }
+usage() { sed -n '2,11p' "$0"; }
 die() { printf 'vm-run: %s\n' "$*" >&2; exit 125; }
 
 while [ $# -gt 0 ]; do
