@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import * as libc from '../../native-bindings/libc.ts';
 import { NbdError } from '../errors.ts';
 import type { Backend } from './export.ts';
-import { INLINE_MAX_BYTES, InlineGuard } from './inline-io.ts';
+import { INLINE_WRITE_MAX_BYTES, InlineGuard } from './inline-io.ts';
 import { formatSize } from './size.ts';
 
 /** Largest zero buffer written at once by WRITE_ZEROES on a file (shared, never modified). */
@@ -125,11 +125,9 @@ class FileBackend implements Backend {
 
   /**
    * Inline read: from the page cache without blocking (RWF_NOWAIT) when the file system supports it,
-   * else a plain pread under the InlineGuard. False: not (all) cached, too big (INLINE_MAX_BYTES), or
-   * the guard says pool.
+   * else a plain pread under the InlineGuard. False: not (all) cached, or the guard says pool.
    */
   readNow(offset: number, buf: Buffer): boolean {
-    if (buf.length > INLINE_MAX_BYTES) return false;
     if (this.nowaitReads) {
       try {
         return libc.preadNowait(this.fh.fd, buf, offset) === buf.length;
@@ -161,7 +159,7 @@ class FileBackend implements Backend {
 
   /** Inline write into the page cache under the InlineGuard; FUA (fdatasync) and big writes go to the pool. */
   writeNow(offset: number, data: Uint8Array, fua: boolean): boolean {
-    if (fua || data.length > INLINE_MAX_BYTES) return false;
+    if (fua || data.length > INLINE_WRITE_MAX_BYTES) return false;
     return this.inline(data.length, () => {
       let done = libc.pwrite(this.fh.fd, data, offset);
       while (done < data.length) done += libc.pwrite(this.fh.fd, data.subarray(done), offset + done);

@@ -11,7 +11,7 @@ import { MEMORY_CHUNK, MemoryBackend, openFileBackend } from '../../src/server/b
 import { findExport, transmissionFlags, type Backend, type ServedExport } from '../../src/server/export.ts';
 import { BufferPool } from '../../src/server/buffer-pool.ts';
 import { formatSize, parseSize } from '../../src/server/size.ts';
-import { INLINE_MAX_BYTES, InlineGuard } from '../../src/server/inline-io.ts';
+import { INLINE_WRITE_MAX_BYTES, InlineGuard } from '../../src/server/inline-io.ts';
 import { TransmissionFlag } from '../../src/protocol/constants.ts';
 
 /** Read into a buffer pre-filled with 0xee, so holes that are not zero-filled show up. */
@@ -106,8 +106,8 @@ describe('file backend', () => {
     const b = await openFileBackend(f);
     assert.equal(b.writeNow!(4096, Buffer.from('inline'), false), true, 'a page-cache write runs inline');
     assert.equal(b.writeNow!(8192, Buffer.from('fua'), true), false, 'FUA goes to the pool (fdatasync)');
-    assert.equal(b.writeNow!(0, Buffer.alloc(INLINE_MAX_BYTES + 1), false), false, 'big writes go to the pool');
-    assert.equal(b.readNow!(0, Buffer.alloc(INLINE_MAX_BYTES + 1)), false, 'big reads go to the pool');
+    assert.equal(b.writeNow!(0, Buffer.alloc(INLINE_WRITE_MAX_BYTES + 1), false), false, 'big writes go to the pool');
+    assert.equal(b.readNow!(0, Buffer.alloc(256 * 1024)), true, 'big cached reads run inline');
     const out = Buffer.alloc(10);
     // Just written, so cached: the non-blocking read (or the guarded inline read) answers at once.
     assert.equal(b.readNow!(4094, out), true);
