@@ -92,6 +92,8 @@ class FileBackend implements Backend {
   private unsupportedFalloc = 0;
   /** Watches inline calls for waiting; none for a RAM-backed file (nothing to wait for). */
   private readonly guard: InlineGuard | undefined;
+  /** False once the FFI turned out to be unavailable: then only the pool paths are used. */
+  private ffi = true;
 
   constructor(
     private readonly fh: FileHandle,
@@ -105,9 +107,6 @@ class FileBackend implements Backend {
     this.nowaitReads = !inMemory;
     this.guard = inMemory ? undefined : new InlineGuard();
   }
-
-  /** False once the FFI turned out to be unavailable: then only the pool paths are used. */
-  private ffi = true;
 
   /** Run `fn` inline (timed by the guard when there is one); false if it could not run. */
   private inline(bytes: number, fn: () => void): boolean {
