@@ -145,6 +145,8 @@ class Connection implements ServedConnection {
   private direct: Buffer | undefined;
   /** True while pump() frames a burst: simple replies then go to the arena. */
   private batching = false;
+  /** Replies are being held until the end of this loop turn (see holdReplies). */
+  private holding = false;
   private arena: Arena | undefined;
   private readonly userBuffers: boolean;
 
@@ -261,8 +263,8 @@ class Connection implements ServedConnection {
     try {
       this.frame(reader);
     } finally {
+      this.flushArena(); // still batching: this burst's replies are not held (see holdReplies)
       this.batching = false;
-      this.flushArena();
       if (corked) this.socket.uncork();
     }
   }
@@ -502,12 +504,9 @@ class Connection implements ServedConnection {
     }
   }
 
-  /** A simple reply header alone: into the arena during a burst, else written at once. */
+  /** A simple reply header alone: into the arena (of this burst, or of this loop turn). */
   private sendSimple(error: number, cookie: bigint, cost: number): void {
-    if (!this.batching) {
-      this.send([encodeSimpleReply(error, cookie)], () => this.release(cost));
-      return;
-    }
+    if (!this.batching) this.holdReplies();
     const a = this.arenaWithRoom(SIMPLE_REPLY_LENGTH);
     encodeSimpleReplyInto(a.buf, a.len, error, cookie);
     a.len += SIMPLE_REPLY_LENGTH;
@@ -520,12 +519,33 @@ class Connection implements ServedConnection {
     else this.sendSimple(error, req.cookie, cost);
   }
 
+  /**
+   * Replies of requests that completed outside a burst (on the pool) are held and leave together
+   * at the end of this loop turn, in one writev: completions arrive in batches under load, and
+   * each socket write also runs the peer's TCP receive path (loopback) on this thread. Measured
+   * in the VM (1 MiB sequential writes, which the kernel sends as 128 KiB requests): +45-90%,
+   * random 4 KiB reads unchanged (those replies leave with their burst, not held).
+   */
+  private holdReplies(): void {
+    if (this.holding || this.phase !== 'transmission') return;
+    this.holding = true;
+    this.socket.cork();
+    setImmediate(this.releaseHeld);
+  }
+
+  private readonly releaseHeld = (): void => {
+    this.holding = false;
+    this.flushArena();
+    this.socket.uncork();
+  };
+
   /** Write buffers back to back (one writev); `done` runs once they have left (or cannot). */
   private send(bufs: Buffer[], done?: () => void): void {
     if (bufs.length === 0 || this.socket.destroyed || !this.socket.writable) {
       if (done) queueMicrotask(done);
       return;
     }
+    if (!this.batching) this.holdReplies();
     if (bufs.length > 1) this.socket.cork();
     for (let i = 0; i < bufs.length; i++) {
       const last = i === bufs.length - 1;

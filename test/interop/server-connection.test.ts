@@ -617,4 +617,47 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     wire.push(null);
     await served.done;
   });
+
+  it('replies of requests that complete together outside a burst leave in one write', { timeout: TIMEOUT }, async () => {
+    const writes: Buffer[] = [];
+    const wire = new Duplex({
+      read() {},
+      write(chunk: Buffer, _enc, cb) {
+        writes.push(Buffer.from(chunk));
+        cb();
+      },
+    });
+    const mem = memoryExport(1 << 20, { name: 'h' });
+    // A backend whose writes cannot finish inline and all complete at once, as pool writes under load.
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    const backend = Object.assign(Object.create(mem.backend) as typeof mem.backend, {
+      writeNow: undefined,
+      write: async (offset: number, data: Uint8Array, fua: boolean) => {
+        await gate;
+        await mem.backend.write(offset, data, fua);
+      },
+    });
+    const served = serveConnection(wire, [{ ...mem, backend }], { userBuffers: false });
+    wire.push(Buffer.concat([Buffer.from('00000003', 'hex'), encodeOption(Opt.GO, encodeInfoRequest('h', []))]));
+    for (let i = 0; i < 50 && served.phase !== 'transmission'; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(served.phase, 'transmission');
+    for (let i = 0; i < 8; i++) {
+      wire.push(Buffer.concat([encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: BigInt(i + 1), offset: BigInt(i * 4), length: 4 }), Buffer.from('wxyz')]));
+    }
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    writes.length = 0;
+    open();
+    for (let i = 0; i < 50 && writes.length === 0; i++) await new Promise((r) => setImmediate(r));
+    for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(writes.length, 1, `eight acks in one write (got ${writes.length} writes)`);
+    assert.equal(writes[0]!.length, 8 * 16);
+    const cookies = Array.from({ length: 8 }, (_, i) => writes[0]!.readBigUInt64BE(i * 16 + 8)).sort((a, b) => Number(a - b));
+    assert.deepEqual(cookies, [1n, 2n, 3n, 4n, 5n, 6n, 7n, 8n]);
+    const back = Buffer.alloc(32);
+    await mem.backend.read(0, back);
+    assert.equal(back.toString(), 'wxyz'.repeat(8));
+    wire.push(null);
+    await served.done;
+  });
 });
