@@ -1,7 +1,7 @@
 #!/usr/bin/env node
-// Entry point. Runs the TypeScript sources through tsx, so there is no build step (docs/decisions.md).
-import { register } from 'tsx/esm/api';
+// Entry point. Runs src/ as one module compiled on first use, or through tsx where that cannot be
+// written (bin/bundle.js; docs/decisions.md "Start-up: a bundle compiled on first use").
+import { loadMain } from './bundle.js';
 
-register();
-const { main } = await import('../src/cli.ts');
+const main = await loadMain();
 process.exitCode = await main(process.argv.slice(2));

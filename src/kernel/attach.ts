@@ -339,6 +339,9 @@ function pickFreeDevice(roots: Roots): DeviceRef {
 }
 
 function startWorker(req: DoItRequest): Worker {
+  // From the bundle (bin/bundle.js), this module is part of cli.mjs and the worker's own bundle
+  // sits beside it.
+  if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./doit-worker.mjs', import.meta.url), { workerData: req });
   // Workers do not inherit tsx's loader hooks: register them in the worker, then load the TS entry.
   const api = import.meta.resolve('tsx/esm/api');
   const entry = new URL('./doit-worker.ts', import.meta.url).href;
