@@ -19,8 +19,11 @@ const OTHER_INPUTS = ['package.json', 'tsconfig.json'];
 /** Entry points; the worker is started by src/kernel/attach.ts from the same directory. */
 const ENTRIES = { cli: 'src/cli.ts', 'doit-worker': 'src/kernel/doit-worker.ts' };
 const CACHE_DIR = path.join(ROOT, 'node_modules', '.cache', 'nbd-attach');
-/** Bundles of older sources are removed once this old (a running process may still start a worker from one). */
-const PRUNE_AFTER_MS = 24 * 3600 * 1000;
+/**
+ * Bundles of other sources are removed once unused this long (each start touches its own): a
+ * long-running `-L` process starts its worker from its bundle again when it reconnects.
+ */
+const PRUNE_AFTER_MS = 30 * 24 * 3600 * 1000;
 
 /** A short name for the current sources. */
 export function sourceKey() {
@@ -43,7 +46,15 @@ export function sourceKey() {
 export async function ensureBundle() {
   const key = sourceKey();
   const dir = path.join(CACHE_DIR, key);
-  if (Object.keys(ENTRIES).every((name) => fs.existsSync(path.join(dir, `${name}.mjs`)))) return dir;
+  if (Object.keys(ENTRIES).every((name) => fs.existsSync(path.join(dir, `${name}.mjs`)))) {
+    try {
+      const now = new Date();
+      fs.utimesSync(dir, now, now); // in use: not pruned (best effort; read-only where it cannot be built)
+    } catch {
+      // read-only checkout
+    }
+    return dir;
+  }
   let tmp;
   try {
     fs.mkdirSync(CACHE_DIR, { recursive: true });

@@ -63,12 +63,21 @@ test('the CLI compiles a bundle on first use, reuses it, and makes a new one whe
   assert.deepEqual(bundles(root), [key], 'the second start reuses it');
   assert.equal(again.out, first.out);
 
+  // A bundle unused for longer than 30 days goes when the next one is built; a recent one stays.
+  const stale = path.join(root, 'node_modules', '.cache', 'nbd-attach', '0000000000000000');
+  fs.mkdirSync(stale);
+  const old = new Date(Date.now() - 31 * 24 * 3600 * 1000);
+  fs.utimesSync(stale, old, old);
+
   // An edited source must never run from the old bundle.
   const cli = path.join(root, 'src', 'cli.ts');
   fs.writeFileSync(cli, fs.readFileSync(cli, 'utf8').replace('Attach a Network Block Device export', 'Attach an edited export'));
   const edited = start(root, ['--help']);
   assert.match(edited.out, /Attach an edited export/);
-  assert.equal(bundles(root).length, 2, 'a new bundle for the new sources (the old one is pruned a day later)');
+  const after = bundles(root);
+  assert.equal(after.length, 2, `the previous bundle and one for the new sources (got ${after.join(', ')})`);
+  assert.ok(after.includes(key), 'the bundle used a moment ago is kept');
+  assert.ok(!after.includes('0000000000000000'), 'the one unused for 31 days is pruned');
 });
 
 test('where no bundle can be written, the CLI runs its sources through tsx', (t) => {
