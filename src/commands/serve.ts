@@ -1,8 +1,10 @@
 // `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--port N | --unix PATH]
-//  [--bind ADDR] [--read-only]`: the built-in NBD server, usable by any NBD client.
+//  [--bind ADDR] [--read-only] [--tls on|require --tls-certificates DIR]`: the built-in NBD server,
+//  usable by any NBD client.
 
-import { existsSync } from 'node:fs';
-import { basename } from 'node:path';
+import { existsSync, readFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import tls from 'node:tls';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { NbdError } from '../errors.ts';
 import { DEFAULT_PORT } from '../protocol/constants.ts';
@@ -16,7 +18,32 @@ interface ServeOptions {
   unix?: string;
   bind: string;
   readOnly?: boolean;
-  tls?: string | boolean;
+  tls?: string;
+  tlsCertificates?: string;
+}
+
+const TLS_MODES = ['off', 'on', 'require'] as const;
+
+/**
+ * The server's TLS context from an X.509 directory laid out as for nbdkit and qemu
+ * (`--tls-certificates`/`tls-creds-x509`): server-cert.pem and server-key.pem (ca-cert.pem, when
+ * present, is sent along as the chain).
+ */
+export function loadTlsContext(dir: string): tls.SecureContext {
+  const read = (name: string): Buffer => {
+    try {
+      return readFileSync(join(dir, name));
+    } catch (err) {
+      throw new NbdError('NBD_E_USAGE', `serve --tls-certificates: cannot read ${join(dir, name)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; the directory needs server-cert.pem and server-key.pem`);
+    }
+  };
+  const ca = existsSync(join(dir, 'ca-cert.pem')) ? read('ca-cert.pem') : undefined;
+  try {
+    return tls.createSecureContext({ cert: read('server-cert.pem'), key: read('server-key.pem'), ...(ca ? { ca } : {}) });
+  } catch (err) {
+    if (err instanceof NbdError) throw err;
+    throw new NbdError('NBD_E_USAGE', `serve --tls-certificates ${dir}: ${(err as Error).message}`);
+  }
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -78,11 +105,17 @@ export function register(program: Command): void {
     .option('-u, --unix <path>', 'listen on a unix-domain socket instead of TCP')
     .option('-b, --bind <addr>', 'address to listen on', '127.0.0.1')
     .option('-r, --read-only', 'refuse writes (clients see NBD_FLAG_READ_ONLY)')
-    .addOption(new Option('--tls [mode]', 'TLS (not supported yet)').hideHelp())
+    .addOption(new Option('--tls <mode>', 'TLS through NBD_OPT_STARTTLS: on (offered) or require (all options need it first)').choices(TLS_MODES).default('off'))
+    .option('--tls-certificates <dir>', 'X.509 directory with server-cert.pem and server-key.pem (as for nbdkit and qemu); needed with --tls on|require')
     .action(async (files: string[], opts: ServeOptions) => {
-      if (opts.tls !== undefined) {
-        throw new NbdError('NBD_E_TLS_UNSUPPORTED', 'serve --tls: TLS is not supported yet; serve on loopback or a unix socket, or use nbdkit --tls');
+      const tlsMode = opts.tls ?? 'off';
+      if (tlsMode !== 'off' && opts.tlsCertificates === undefined) {
+        throw new NbdError('NBD_E_USAGE', `serve --tls ${tlsMode}: give --tls-certificates DIR (server-cert.pem, server-key.pem)`);
       }
+      if (tlsMode === 'off' && opts.tlsCertificates !== undefined) {
+        throw new NbdError('NBD_E_USAGE', 'serve --tls-certificates: also give --tls on or --tls require');
+      }
+      const tlsContext = tlsMode !== 'off' ? loadTlsContext(opts.tlsCertificates!) : undefined;
       if (opts.unix !== undefined && opts.port !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
@@ -100,8 +133,10 @@ export function register(program: Command): void {
       const srv = await startServer({
         exports,
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
+        ...(tlsContext ? { connection: { tls: { mode: tlsMode as 'on' | 'require', context: tlsContext } } } : {}),
       });
-      process.stdout.write(`nbd-attach serve: listening on ${srv.address}; exports: ${exports.map(describe).join(', ')}\n`);
+      const tlsNote = tlsContext ? `; TLS ${tlsMode === 'require' ? 'required' : 'offered'}` : '';
+      process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsNote}; exports: ${exports.map(describe).join(', ')}\n`);
 
       // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.
       await new Promise<void>((resolve) => {

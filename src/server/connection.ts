@@ -9,12 +9,13 @@
 
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import tls from 'node:tls';
 import createDebug from 'debug';
 import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, SIMPLE_REPLY_LENGTH, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
 import { encodeSimpleReply, encodeSimpleReplyInto, type Request } from '../protocol/codec.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { isReadOnly, type ServedExport } from './export.ts';
-import { ServerHandshake } from './handshake.ts';
+import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
 import { encodeErrorChunk, encodeNone, encodeOffsetDataHeader } from './structured.ts';
 
@@ -87,6 +88,11 @@ export interface ConnectionOptions {
   pool?: BufferPool;
   /** Read into our own buffers (and straight into WRITE payloads) when the socket allows (default true). */
   userBuffers?: boolean;
+  /**
+   * TLS (`serve --tls`): offered ('on') or required ('require') through NBD_OPT_STARTTLS, with this
+   * server certificate. The TLS handshake must finish within `handshakeTimeoutMs` (default 30 s).
+   */
+  tls?: { mode: Exclude<TlsMode, 'off'>; context: tls.SecureContext; handshakeTimeoutMs?: number };
 }
 
 export type ConnectionPhase = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -137,7 +143,8 @@ class Connection implements ServedConnection {
   private finishing = false;
   private graceTimer: NodeJS.Timeout | undefined;
   private resolveDone!: () => void;
-  private readonly socket: Duplex;
+  private socket: Duplex;
+  private readonly tlsOptions: ConnectionOptions['tls'];
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
   private readonly scratchSmall = this.scratch.subarray(0, SMALL_READ);
   /** The last request framed was a large WRITE: read the next header with a small read. */
@@ -159,12 +166,13 @@ class Connection implements ServedConnection {
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 64 * 1024 * 1024;
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.graceMs = opts.shutdownGraceMs ?? 5000;
-    this.hs = new ServerHandshake(exports);
+    this.tlsOptions = opts.tls;
+    this.hs = new ServerHandshake(exports, { tls: opts.tls?.mode ?? 'off' });
     this.pool = opts.pool ?? sharedPool;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
 
     const adopted =
-      opts.userBuffers === false
+      opts.userBuffers === false || opts.tls // TLS replaces the socket mid-handshake: plain stream events
         ? undefined
         : adoptWithUserBuffers(socket, { buffer: () => this.nextReadBuffer(), callback: (n, buf) => this.onUserRead(n, buf) });
     this.socket = adopted ?? socket;
@@ -174,16 +182,59 @@ class Connection implements ServedConnection {
     s.setNoDelay?.(true); // proto.md "Protocol phases": both sides SHOULD disable Nagle
     if (adopted) adopted.resume(); // flowing, so that 'end' is emitted (data goes through onread)
     else {
-      socket.on('data', (chunk: Buffer) => this.onData(chunk));
+      socket.on('data', this.onDataEvent);
       socket.resume(); // a socket accepted with pauseOnConnect does not start flowing on its own
     }
-    socket.on('end', () => this.onPeerEnd());
-    socket.on('error', (err) => {
-      log('connection error: %s', err.message);
-      this.closeReason ??= err.message;
-    });
-    socket.on('close', () => this.onClose());
+    this.listen(socket);
     this.send([this.hs.greeting()]);
+  }
+
+  private readonly onDataEvent = (chunk: Buffer): void => this.onData(chunk);
+  private readonly onEndEvent = (): void => this.onPeerEnd();
+  private readonly onCloseEvent = (): void => this.onClose();
+  private readonly onErrorEvent = (err: Error): void => {
+    log('connection error: %s', err.message);
+    this.closeReason ??= err.message;
+  };
+
+  private listen(socket: Duplex): void {
+    socket.on('end', this.onEndEvent);
+    socket.on('error', this.onErrorEvent);
+    socket.on('close', this.onCloseEvent);
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was acknowledged (the ACK is queued in clear): run the TLS handshake on the
+   * socket and continue the option haggling over it (proto.md "TLS support"). The client sends
+   * nothing until it has read the ACK, so no bytes are in flight between the two.
+   */
+  private upgradeToTls(): void {
+    const opts = this.tlsOptions!;
+    const raw = this.socket;
+    raw.pause();
+    raw.off('data', this.onDataEvent);
+    raw.off('end', this.onEndEvent);
+    raw.off('close', this.onCloseEvent); // the TLS socket reports the close from now on
+    const wrap = (): void => {
+      const secure = new tls.TLSSocket(raw as net.Socket, { isServer: true, secureContext: opts.context });
+      this.socket = secure;
+      const timer = setTimeout(() => {
+        this.closeReason ??= 'TLS handshake did not finish in time';
+        secure.destroy();
+      }, opts.handshakeTimeoutMs ?? 30_000);
+      timer.unref();
+      secure.once('secure', () => {
+        clearTimeout(timer);
+        log('TLS established: %s %s', secure.getProtocol(), secure.getCipher()?.name);
+        this.hs.tlsStarted();
+      });
+      secure.once('close', () => clearTimeout(timer));
+      secure.on('data', this.onDataEvent);
+      this.listen(secure);
+    };
+    // The ACK must leave in clear before TLS takes the socket over.
+    if (raw.writableLength > 0) raw.once('drain', wrap);
+    else wrap();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -218,6 +269,10 @@ class Connection implements ServedConnection {
     if (this.phase === 'handshake') {
       const step = this.hs.push(chunk);
       this.send(step.send);
+      if (step.startTls) {
+        this.upgradeToTls();
+        return;
+      }
       if (step.close) {
         log('handshake ended: %s', step.close.reason);
         this.closeReason = step.close.reason;

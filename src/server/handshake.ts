@@ -5,6 +5,8 @@
 //   client-flags ──4 bytes──▶ option-header ──16 bytes──▶ option-data ──length bytes──▶ option-header …
 //                                    │                    option-discard ─────────────▶ option-header …
 //                                    └──▶ transmission (GO acked / EXPORT_NAME answered) | closed
+// STARTTLS (TlsMode 'on'/'require'): after its ACK the machine takes no input until the socket edge
+// has run the TLS handshake and called tlsStarted(); option haggling then continues over TLS.
 // Everything a client sends is bounded: at most MAX_OPTIONS options per connection, option data we
 // parse is at most MAX_OPTION_DATA bytes, option data we reject is read and thrown away without
 // buffering so the stream stays in step, and lengths above DISCARD_LIMIT are treated as abuse.
@@ -66,9 +68,20 @@ export interface Negotiated {
   leftover: Buffer;
 }
 
+/**
+ * TLS modes (proto.md "Server-side requirements"): 'off' = NOTLS; 'on' = SELECTIVETLS with no
+ * TLS-only export (TLS offered, not required); 'require' = FORCEDTLS.
+ */
+export type TlsMode = 'off' | 'on' | 'require';
+
 export interface HandshakeStep {
   /** Bytes to write to the client, in order. */
   send: Buffer[];
+  /**
+   * Set when NBD_OPT_STARTTLS was acknowledged: write `send` (in clear), then run the TLS handshake
+   * on the socket, call `tlsStarted()`, and push the decrypted bytes from then on.
+   */
+  startTls?: true;
   /** Set when the handshake finished: write `send`, then serve the export. */
   negotiated?: Negotiated;
   /** Set when the connection must end after `send` is written. `soft`: client-requested (ABORT). */
@@ -82,8 +95,23 @@ export class ServerHandshake {
   private structured = false;
   private options = 0;
   private shuttingDown = false;
+  private readonly tlsMode: TlsMode;
+  private tlsActive = false;
+  private awaitingTls = false;
 
-  constructor(private readonly exports: readonly ServedExport[]) {}
+  constructor(
+    private readonly exports: readonly ServedExport[],
+    opts: { tls?: TlsMode } = {},
+  ) {
+    this.tlsMode = opts.tls ?? 'off';
+  }
+
+  /** The TLS handshake that followed STARTTLS's ACK succeeded: options continue over TLS. */
+  tlsStarted(): void {
+    if (!this.awaitingTls) throw new Error('ServerHandshake.tlsStarted without an acknowledged NBD_OPT_STARTTLS');
+    this.awaitingTls = false;
+    this.tlsActive = true;
+  }
 
   get state(): HandshakeState {
     return this.st;
@@ -104,8 +132,9 @@ export class ServerHandshake {
     if (this.st.phase === 'transmission' || this.st.phase === 'closed') {
       throw new Error(`ServerHandshake.push in phase ${this.st.phase}`);
     }
+    if (this.awaitingTls) throw new Error('ServerHandshake.push before tlsStarted()');
     this.queue.push(chunk);
-    while (!step.close && !step.negotiated && this.advance(step)) {
+    while (!step.close && !step.negotiated && !step.startTls && this.advance(step)) {
       /* each advance() consumes one unit of input */
     }
     return step;
@@ -141,6 +170,10 @@ export class ServerHandshake {
           return this.fail(step, `${optName(option)} from a client without fixed newstyle`);
         }
         if (length > DISCARD_LIMIT) return this.fail(step, `${optName(option)} length ${length} exceeds ${DISCARD_LIMIT}`);
+        // proto.md "FORCEDTLS mode": EXPORT_NAME cannot be answered with an error, so it ends the session.
+        if (option === Opt.EXPORT_NAME && this.tlsMode === 'require' && !this.tlsActive) {
+          return this.fail(step, 'NBD_OPT_EXPORT_NAME before TLS; this server requires TLS (NBD_OPT_STARTTLS first)');
+        }
         // EXPORT_NAME cannot be answered with an error: a name over the string limit ends the session.
         if (option === Opt.EXPORT_NAME && length > MAX_STRING) {
           return this.fail(step, `NBD_OPT_EXPORT_NAME: name longer than ${MAX_STRING} bytes`);
@@ -184,6 +217,10 @@ export class ServerHandshake {
       reply,
       message,
     });
+    // proto.md "FORCEDTLS mode": every option but STARTTLS and ABORT gets TLS_REQD until TLS runs.
+    if (this.tlsMode === 'require' && !this.tlsActive && option !== Opt.STARTTLS && option !== Opt.ABORT) {
+      return discard(RepErr.TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+    }
     switch (option) {
       case Opt.EXPORT_NAME:
         return { phase: 'option-data', option, length };
@@ -235,9 +272,26 @@ export class ServerHandshake {
         this.reply(step, option, Rep.ACK);
         return;
       case Opt.STARTTLS:
-        // proto.md "NOTLS mode": POLICY if TLS is refused by configuration, UNSUP if the server has no
-        // TLS support at all — this server has none yet.
-        this.reply(step, option, RepErr.UNSUP, 'TLS is not supported by this server yet');
+        // proto.md "NOTLS mode": POLICY when TLS is switched off by configuration.
+        if (this.tlsMode === 'off') {
+          this.reply(step, option, RepErr.POLICY, 'TLS is not enabled on this server (serve --tls)');
+          return;
+        }
+        // proto.md "FORCEDTLS mode": a second STARTTLS is INVALID.
+        if (this.tlsActive) {
+          this.reply(step, option, RepErr.INVALID, 'TLS is already running');
+          return;
+        }
+        // The client waits for this ACK before its TLS handshake: anything already queued is not NBD.
+        if (this.queue.length > 0) {
+          this.fail(step, 'data after NBD_OPT_STARTTLS before its reply');
+          return;
+        }
+        this.reply(step, option, Rep.ACK);
+        // proto.md "NBD_OPT_STARTTLS": no negotiation state survives the upgrade.
+        this.structured = false;
+        this.awaitingTls = true;
+        step.startTls = true;
         return;
       case Opt.STRUCTURED_REPLY:
         if (this.structured) {

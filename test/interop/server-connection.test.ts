@@ -9,13 +9,15 @@ import { after, describe, it } from 'node:test';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Cmd, CmdFlag, Opt, Rep, ReplyType, STRUCTURED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, WireErr } from '../../src/protocol/constants.ts';
+import { Cmd, CmdFlag, Opt, Rep, RepErr, ReplyType, STRUCTURED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, WireErr } from '../../src/protocol/constants.ts';
 import { encodeInfoRequest, encodeOption, encodeRequest, type Request } from '../../src/protocol/codec.ts';
 import { ByteQueue } from '../../src/server/byte-queue.ts';
 import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
+import { loadTlsContext } from '../../src/commands/serve.ts';
+import { makePki } from '../lib/servers.ts';
 
 const TIMEOUT = 10_000;
 
@@ -424,6 +426,33 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     const back = Buffer.alloc(512);
     await g.inner.read(0, back);
     assert.deepEqual(back, Buffer.alloc(512, 9));
+  });
+
+  it('TLS: a client that never starts its TLS handshake after STARTTLS is cut off (handshake timeout)', { timeout: TIMEOUT }, async () => {
+    const pkiDir = mkdtempSync(path.join(os.tmpdir(), 'nbd-tls-'));
+    try {
+      const context = loadTlsContext(makePki(pkiDir));
+      const srv = await startServer({ port: 0, exports: [memoryExport(1 << 16, { name: 't' })], connection: { tls: { mode: 'require', context, handshakeTimeoutMs: 300 } } });
+      try {
+        const c = await RawClient.connect({ port: srv.port! });
+        await c.read(18);
+        c.socket.write(Buffer.from('00000003', 'hex'));
+        c.socket.write(encodeOption(Opt.GO, encodeInfoRequest('t', [])));
+        assert.equal((await c.optionReply()).type >>> 0, RepErr.TLS_REQD, 'GO before TLS: TLS_REQD');
+        c.socket.write(encodeOption(Opt.STARTTLS));
+        assert.equal((await c.optionReply()).type, Rep.ACK);
+        const t0 = Date.now();
+        await c.closedP; // and then says nothing
+        const waited = Date.now() - t0;
+        assert.ok(waited >= 250 && waited < 5000, `closed after ${waited} ms`);
+        for (let i = 0; i < 100 && srv.connections.size > 0; i++) await new Promise((r) => setTimeout(r, 20));
+        assert.equal(srv.connections.size, 0, 'the server forgot the connection');
+      } finally {
+        await srv.close();
+      }
+    } finally {
+      rmSync(pkiDir, { recursive: true, force: true });
+    }
   });
 
   it('shutdown: in-flight requests finish, later ones get NBD_ESHUTDOWN, backend flushed, closed', { timeout: TIMEOUT }, async () => {

@@ -4,7 +4,8 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { makePki } from '../lib/servers.ts';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -222,14 +223,87 @@ describe('nbd-attach serve: defaults, read-only, shutdown, usage', { timeout: 12
   });
 
   it('usage errors exit 2 with one line', () => {
-    const tls = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls']);
+    const tls = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'require']);
     assert.equal(tls.status, 2);
-    assert.match(tls.stderr, /^nbd-attach: serve --tls: TLS is not supported yet/);
+    assert.match(tls.stderr, /^nbd-attach: serve --tls require: give --tls-certificates DIR/);
+    const certs = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', path.join(dir, 'no-pki')]);
+    assert.equal(certs.status, 2);
+    assert.match(certs.stderr, /^nbd-attach: serve --tls-certificates: cannot read .*server-cert\.pem: ENOENT/);
     const missing = run(process.execPath, [BIN, 'serve', path.join(dir, 'missing.img')]);
     assert.equal(missing.status, 2);
     assert.match(missing.stderr, /no such file/);
     const none = run(process.execPath, [BIN, 'serve']);
     assert.equal(none.status, 2);
     assert.match(none.stderr, /nothing to serve/);
+  });
+});
+
+describe('nbd-attach serve with TLS (NBD_OPT_STARTTLS) and real clients', { timeout: 120_000 }, () => {
+  let pki = '';
+  before(() => {
+    pki = makePki(dir);
+  });
+
+  it('--tls require: libnbd (nbdinfo, nbdcopy) and qemu over TLS read and write; plain clients are refused', async () => {
+    const f = path.join(dir, 'tls.img');
+    writeFileSync(f, Buffer.alloc(4 << 20));
+    const s = await serve(['--tls', 'require', '--tls-certificates', pki, f]);
+    try {
+      assert.match(s.line, /TLS required/);
+      const uri = `nbds://127.0.0.1:${s.port}/tls.img?tls-certificates=${pki}`;
+      const info = JSON.parse(ok('nbdinfo', ['--json', uri])) as { exports: Record<string, unknown>[] };
+      assert.equal(info.exports[0]!['export-size'], 4 << 20);
+      const data = randomBytes(1 << 20);
+      const src = path.join(dir, 'tls-src.bin');
+      writeFileSync(src, data);
+      ok('nbdcopy', [src, uri]);
+      assert.ok(readFileSync(f).subarray(0, 1 << 20).equals(data), 'the file holds what nbdcopy sent over TLS');
+      const back = path.join(dir, 'tls-back.bin');
+      ok('nbdcopy', [uri, back]);
+      assert.ok(readFileSync(back).subarray(0, 1 << 20).equals(data), 'and reads it back over TLS');
+      // qemu's client: TLS credentials object pointing at the same CA.
+      const qemu = ok('qemu-io', [
+        '--object', `tls-creds-x509,id=tls0,dir=${pki},endpoint=client`,
+        '--image-opts', `driver=nbd,host=127.0.0.1,port=${s.port},export=tls.img,tls-creds=tls0`,
+        '-c', 'write -P 0x3c 2M 64k', '-c', 'read -P 0x3c 2M 64k',
+      ]);
+      assert.match(qemu, /wrote 65536\/65536/);
+      assert.deepEqual(readFileSync(f).subarray(2 << 20, (2 << 20) + 65536), Buffer.alloc(65536, 0x3c));
+      // Without TLS: every option is answered TLS_REQD, so the client gives up.
+      const plain = spawnSync('nbdinfo', [`nbd://127.0.0.1:${s.port}/tls.img`], { encoding: 'utf8', timeout: STEP_TIMEOUT, env: { ...process.env, LIBNBD_DEBUG: '1' } });
+      assert.notEqual(plain.status, 0);
+      assert.match(plain.stderr, /server error message: this server requires TLS: send NBD_OPT_STARTTLS first/);
+    } finally {
+      assert.deepEqual(await stop(s), { code: 0, signal: null });
+    }
+  });
+
+  it('--tls on: TLS is offered, and clients without it still work', async () => {
+    const s = await serve(['--tls', 'on', '--tls-certificates', pki, '--memory', '1M']);
+    try {
+      assert.match(s.line, /TLS offered/);
+      const plain = JSON.parse(ok('nbdinfo', ['--json', `nbd://127.0.0.1:${s.port}/memory`])) as { exports: Record<string, unknown>[] };
+      assert.equal(plain.exports[0]!['export-size'], 1 << 20);
+      const secure = JSON.parse(ok('nbdinfo', ['--json', `nbds://127.0.0.1:${s.port}/memory?tls-certificates=${pki}`])) as { exports: Record<string, unknown>[] };
+      assert.equal(secure.exports[0]!['export-size'], 1 << 20);
+    } finally {
+      await stop(s);
+    }
+  });
+
+  it('a client that fails the TLS handshake is cut off; the server keeps serving', async () => {
+    const s = await serve(['--tls', 'require', '--tls-certificates', pki, '--memory', '1M']);
+    try {
+      // nbdinfo with a CA that did not sign the server's certificate: verification fails.
+      const other = path.join(dir, 'other');
+      mkdirSync(other);
+      const otherPki = makePki(other);
+      const bad = run('nbdinfo', [`nbds://127.0.0.1:${s.port}/memory?tls-certificates=${otherPki}`]);
+      assert.notEqual(bad.status, 0);
+      const good = JSON.parse(ok('nbdinfo', ['--json', `nbds://127.0.0.1:${s.port}/memory?tls-certificates=${pki}`])) as { exports: Record<string, unknown>[] };
+      assert.equal(good.exports[0]!['export-size'], 1 << 20);
+    } finally {
+      await stop(s);
+    }
   });
 });

@@ -2,8 +2,8 @@
 // with a free port, waited for until they accept, and always stopped by the caller's `stop()`.
 // Used by the interop tests on the host and by the kernel tests inside the VM.
 
-import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -211,4 +211,23 @@ export function runCli(args: string[], opts: { timeoutMs?: number; env?: NodeJS.
       resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr });
     });
   });
+}
+
+/**
+ * A CA and a server certificate for 127.0.0.1/localhost signed by it, laid out as nbdkit, qemu and
+ * libnbd expect an X.509 directory (ca-cert.pem, server-cert.pem, server-key.pem).
+ */
+export function makePki(where: string): string {
+  const pki = path.join(where, 'pki');
+  mkdirSync(pki);
+  const ssl = (args: string[]): void => {
+    const r = spawnSync('openssl', args, { cwd: pki, encoding: 'utf8', timeout: 30_000 });
+    if (r.error) throw r.error;
+    if (r.status !== 0) throw new Error(`openssl ${args.join(' ')}: ${r.stderr}`);
+  };
+  ssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=nbd-attach test CA', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem']);
+  ssl(['req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-keyout', 'server-key.pem', '-out', 'server.csr']);
+  writeFileSync(path.join(pki, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
+  ssl(['x509', '-req', '-in', 'server.csr', '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-days', '2', '-extfile', 'ext.cnf', '-out', 'server-cert.pem']);
+  return pki;
 }

@@ -6,7 +6,7 @@ import { Info, Opt, Rep, RepErr, TransmissionFlag } from '../../src/protocol/con
 import { encodeInfoRequest, encodeOption } from '../../src/protocol/codec.ts';
 import { MemoryBackend } from '../../src/server/backends.ts';
 import type { ServedExport } from '../../src/server/export.ts';
-import { DISCARD_LIMIT, MAX_OPTIONS, MAX_OPTION_DATA, ServerHandshake, type HandshakeStep } from '../../src/server/handshake.ts';
+import { DISCARD_LIMIT, MAX_OPTIONS, MAX_OPTION_DATA, ServerHandshake, type HandshakeStep, type TlsMode } from '../../src/server/handshake.ts';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const cat = (bufs: Buffer[]): string => Buffer.concat(bufs).toString('hex');
@@ -16,8 +16,8 @@ function exp(name: string, size: number, opts: { readOnly?: boolean; description
 }
 
 /** A handshake past the client flags (fixed newstyle + no zeroes unless told). */
-function ready(exports: ServedExport[], clientFlags = 3): ServerHandshake {
-  const hs = new ServerHandshake(exports);
+function ready(exports: ServedExport[], clientFlags = 3, tls: TlsMode = 'off'): ServerHandshake {
+  const hs = new ServerHandshake(exports, { tls });
   const b = Buffer.alloc(4);
   b.writeUInt32BE(clientFlags);
   const step = hs.push(b);
@@ -95,11 +95,12 @@ describe('server handshake: options', () => {
     );
   });
 
-  it('NBD_OPT_STARTTLS: NBD_REP_ERR_UNSUP (no TLS support, proto.md "NOTLS mode")', () => {
+  it('NBD_OPT_STARTTLS without --tls: NBD_REP_ERR_POLICY (proto.md "NOTLS mode")', () => {
     const hs = ready([exp('a', 512)]);
     const step = hs.push(encodeOption(Opt.STARTTLS));
-    assert.equal(cat(step.send), repErr(Opt.STARTTLS, RepErr.UNSUP, 'TLS is not supported by this server yet'));
+    assert.equal(cat(step.send), repErr(Opt.STARTTLS, RepErr.POLICY, 'TLS is not enabled on this server (serve --tls)'));
     assert.equal(step.close, undefined);
+    assert.equal(step.startTls, undefined);
   });
 
   it('NBD_OPT_STRUCTURED_REPLY: ACK once, INVALID the second time', () => {
@@ -326,5 +327,70 @@ describe('server handshake: bounds and violations', () => {
     const s = hs.push(encodeOption(Opt.ABORT));
     assert.equal(cat(s.send), rep(Opt.ABORT, Rep.ACK));
     assert.equal(s.close?.soft, true);
+  });
+});
+
+describe('server handshake: TLS (proto.md "TLS support")', () => {
+  const goA = (): Buffer => encodeOption(Opt.GO, encodeInfoRequest('a', []));
+
+  it('require (FORCEDTLS): options before STARTTLS get TLS_REQD, the connection stays usable', () => {
+    const hs = ready([exp('a', 512)], 3, 'require');
+    for (const opt of [Opt.LIST, Opt.STRUCTURED_REPLY, 99]) {
+      const step = hs.push(encodeOption(opt));
+      assert.equal(cat(step.send), repErr(opt, RepErr.TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+      assert.equal(step.close, undefined);
+    }
+    let step = hs.push(goA());
+    assert.equal(cat(step.send), repErr(Opt.GO, RepErr.TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+    assert.equal(step.negotiated, undefined, 'no transmission without TLS');
+    step = hs.push(encodeOption(Opt.INFO, encodeInfoRequest('a', [])));
+    assert.equal(cat(step.send), repErr(Opt.INFO, RepErr.TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+  });
+
+  it('require: EXPORT_NAME before TLS ends the session (it cannot be answered with an error)', () => {
+    const hs = ready([exp('a', 512)], 3, 'require');
+    const step = hs.push(encodeOption(Opt.EXPORT_NAME, Buffer.from('a')));
+    assert.deepEqual(step.send, []);
+    assert.match(step.close!.reason, /requires TLS/);
+  });
+
+  it('STARTTLS: ACK, then nothing is parsed until tlsStarted(); then options work and a second STARTTLS is INVALID', () => {
+    const hs = ready([exp('a', 512)], 3, 'require');
+    let step = hs.push(encodeOption(Opt.STRUCTURED_REPLY));
+    assert.equal(cat(step.send), repErr(Opt.STRUCTURED_REPLY, RepErr.TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+    step = hs.push(encodeOption(Opt.STARTTLS));
+    assert.equal(cat(step.send), rep(Opt.STARTTLS, Rep.ACK));
+    assert.equal(step.startTls, true);
+    assert.throws(() => hs.push(goA()), /before tlsStarted/);
+    hs.tlsStarted();
+    step = hs.push(encodeOption(Opt.STARTTLS));
+    assert.equal(cat(step.send), repErr(Opt.STARTTLS, RepErr.INVALID, 'TLS is already running'));
+    step = hs.push(goA());
+    assert.ok(step.negotiated, 'GO over TLS enters transmission');
+    assert.equal(step.negotiated.structured, false);
+  });
+
+  it('STARTTLS forgets structured replies negotiated in clear (proto.md "NBD_OPT_STARTTLS")', () => {
+    const hs = ready([exp('a', 512)], 3, 'on');
+    let step = hs.push(encodeOption(Opt.STRUCTURED_REPLY));
+    assert.equal(cat(step.send), rep(Opt.STRUCTURED_REPLY, Rep.ACK));
+    step = hs.push(encodeOption(Opt.STARTTLS));
+    assert.equal(step.startTls, true);
+    hs.tlsStarted();
+    step = hs.push(goA());
+    assert.equal(step.negotiated?.structured, false);
+  });
+
+  it('on (TLS offered, not required): clients without TLS negotiate as before', () => {
+    const hs = ready([exp('a', 512)], 3, 'on');
+    const step = hs.push(goA());
+    assert.ok(step.negotiated);
+  });
+
+  it('bytes queued behind STARTTLS (before its ACK could be read): closed', () => {
+    const hs = ready([exp('a', 512)], 3, 'on');
+    const step = hs.push(Buffer.concat([encodeOption(Opt.STARTTLS), Buffer.from([0x16, 0x03, 0x01])]));
+    assert.match(step.close!.reason, /data after NBD_OPT_STARTTLS/);
+    assert.equal(step.startTls, undefined);
   });
 });

@@ -41,6 +41,7 @@ flock -w 900 9 || die "another test/vm/setup.sh holds $CACHE/.lock for more than
 PACKAGES=(
   qemu-system-x86 busybox-static cpio kmod
   nbdkit nbd-server nbd-client qemu-utils fio e2fsprogs iproute2 libnbd-bin util-linux procps fdisk
+  openssl   # test certificates for the server's TLS (interop tests)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
