@@ -1,10 +1,11 @@
 // Start-up: run src/ as one JavaScript module compiled on first use, instead of through tsx's
 // loader (which transforms and resolves every module at each start; see docs/decisions.md
-// "Start-up: a bundle compiled on first use"). Plain JavaScript: it runs before any loader.
+// "Runtime: no build step; the CLI compiles itself on first use"). Plain JavaScript: it runs before
+// any loader.
 //
 // The bundle lives in node_modules/.cache/nbd-attach/<key>/, where <key> names what it was made
-// from (every source file's path, size and mtime, and Node's version), so an edited source gets a
-// new bundle and nothing stale is ever run. Where it cannot be written (a read-only checkout, such
+// from (every source file's path, size and mtime, this file's, and Node's version), so an edited
+// source gets a new bundle and nothing stale is ever run. Where it cannot be written (a read-only checkout, such
 // as the test VM's, or no esbuild), the sources run through tsx as before: slower, same behaviour.
 // NBD_ATTACH_TSX=1 forces that path.
 import fs from 'node:fs';
@@ -15,7 +16,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const trace = process.env.DEBUG?.includes('nbd:') ? (m) => process.stderr.write(`nbd:boot ${m}\n`) : () => {};
 const SOURCE_DIRS = ['src', 'native-bindings'];
-const OTHER_INPUTS = ['package.json', 'tsconfig.json'];
+const OTHER_INPUTS = ['package.json', 'tsconfig.json', 'bin/bundle.js'];
 /** Entry points; the worker is started by src/kernel/attach.ts from the same directory. */
 const ENTRIES = { cli: 'src/cli.ts', 'doit-worker': 'src/kernel/doit-worker.ts' };
 const CACHE_DIR = path.join(ROOT, 'node_modules', '.cache', 'nbd-attach');
