@@ -214,8 +214,8 @@ class Connection implements ServedConnection {
     raw.pause();
     raw.off('data', this.onDataEvent);
     raw.off('end', this.onEndEvent);
-    raw.off('close', this.onCloseEvent); // the TLS socket reports the close from now on
     const wrap = (): void => {
+      raw.off('close', this.onCloseEvent); // the TLS socket reports the close from now on
       const secure = new tls.TLSSocket(raw as net.Socket, { isServer: true, secureContext: opts.context });
       this.socket = secure;
       const timer = setTimeout(() => {
