@@ -18,7 +18,7 @@ interface ServeOptions {
   unix?: string;
   bind: string;
   readOnly?: boolean;
-  tls?: string;
+  tls: (typeof TLS_MODES)[number];
   tlsCertificates?: string;
 }
 
@@ -108,14 +108,14 @@ export function register(program: Command): void {
     .addOption(new Option('--tls <mode>', 'TLS through NBD_OPT_STARTTLS: on (offered) or require (all options need it first)').choices(TLS_MODES).default('off'))
     .option('--tls-certificates <dir>', 'X.509 directory with server-cert.pem and server-key.pem (as for nbdkit and qemu); needed with --tls on|require')
     .action(async (files: string[], opts: ServeOptions) => {
-      const tlsMode = opts.tls ?? 'off';
-      if (tlsMode !== 'off' && opts.tlsCertificates === undefined) {
-        throw new NbdError('NBD_E_USAGE', `serve --tls ${tlsMode}: give --tls-certificates DIR (server-cert.pem, server-key.pem)`);
+      const mode = opts.tls;
+      if (mode !== 'off' && opts.tlsCertificates === undefined) {
+        throw new NbdError('NBD_E_USAGE', `serve --tls ${mode}: give --tls-certificates DIR (server-cert.pem, server-key.pem)`);
       }
-      if (tlsMode === 'off' && opts.tlsCertificates !== undefined) {
+      if (mode === 'off' && opts.tlsCertificates !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve --tls-certificates: also give --tls on or --tls require');
       }
-      const tlsContext = tlsMode !== 'off' ? loadTlsContext(opts.tlsCertificates!) : undefined;
+      const tlsConfig = mode === 'off' ? undefined : { mode, context: loadTlsContext(opts.tlsCertificates!) };
       if (opts.unix !== undefined && opts.port !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
@@ -133,9 +133,9 @@ export function register(program: Command): void {
       const srv = await startServer({
         exports,
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
-        ...(tlsContext ? { connection: { tls: { mode: tlsMode as 'on' | 'require', context: tlsContext } } } : {}),
+        ...(tlsConfig ? { connection: { tls: tlsConfig } } : {}),
       });
-      const tlsNote = tlsContext ? `; TLS ${tlsMode === 'require' ? 'required' : 'offered'}` : '';
+      const tlsNote = tlsConfig ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}` : '';
       process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsNote}; exports: ${exports.map(describe).join(', ')}\n`);
 
       // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.

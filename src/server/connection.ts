@@ -559,7 +559,7 @@ class Connection implements ServedConnection {
     }
   }
 
-  /** A simple reply header alone: into the arena (of this burst, or of this loop turn). */
+  /** A simple reply header alone (transmission only): into the arena of this burst, or of this loop turn. */
   private sendSimple(error: number, cookie: bigint, cost: number): void {
     if (!this.batching) this.holdReplies();
     const a = this.arenaWithRoom(SIMPLE_REPLY_LENGTH);
@@ -582,7 +582,7 @@ class Connection implements ServedConnection {
    * random 4 KiB reads unchanged (those replies leave with their burst, not held).
    */
   private holdReplies(): void {
-    if (this.holding || this.phase !== 'transmission') return;
+    if (this.holding) return;
     this.holding = true;
     this.socket.cork();
     setImmediate(this.releaseHeld);
@@ -600,7 +600,7 @@ class Connection implements ServedConnection {
       if (done) queueMicrotask(done);
       return;
     }
-    if (!this.batching) this.holdReplies();
+    if (!this.batching && this.phase === 'transmission') this.holdReplies(); // handshake replies go at once
     if (bufs.length > 1) this.socket.cork();
     for (let i = 0; i < bufs.length; i++) {
       const last = i === bufs.length - 1;

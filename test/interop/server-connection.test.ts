@@ -13,13 +13,34 @@ import { Cmd, CmdFlag, Opt, Rep, RepErr, ReplyType, STRUCTURED_REPLY_MAGIC, SIMP
 import { encodeInfoRequest, encodeOption, encodeRequest, type Request } from '../../src/protocol/codec.ts';
 import { ByteQueue } from '../../src/server/byte-queue.ts';
 import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
-import type { Backend } from '../../src/server/export.ts';
+import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
 import { loadTlsContext } from '../../src/commands/serve.ts';
 import { makePki } from '../lib/servers.ts';
 
 const TIMEOUT = 10_000;
+
+/**
+ * Serve `exp` on a Duplex that records every write the server makes (client bytes are pushed into
+ * it), negotiated with NBD_OPT_GO; `writes` starts empty at transmission.
+ */
+async function servedOnRecordingWire(exp: ServedExport): Promise<{ wire: Duplex; writes: Buffer[]; served: ServedConnection }> {
+  const writes: Buffer[] = [];
+  const wire = new Duplex({
+    read() {},
+    write(chunk: Buffer, _enc, cb) {
+      writes.push(Buffer.from(chunk));
+      cb();
+    },
+  });
+  const served = serveConnection(wire, [exp], { userBuffers: false });
+  wire.push(Buffer.concat([Buffer.from('00000003', 'hex'), encodeOption(Opt.GO, encodeInfoRequest(exp.name, []))]));
+  for (let i = 0; i < 50 && served.phase !== 'transmission'; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(served.phase, 'transmission');
+  writes.length = 0;
+  return { wire, writes, served };
+}
 
 /** Minimal NBD client for tests: fixed newstyle, NBD_OPT_GO, raw requests and replies. */
 class RawClient {
@@ -608,22 +629,9 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
   });
 
   it('a burst of requests answered inline leaves in one write, READ data behind its header', { timeout: TIMEOUT }, async () => {
-    // A Duplex that records every write the server makes; client bytes are pushed into it.
-    const writes: Buffer[] = [];
-    const wire = new Duplex({
-      read() {},
-      write(chunk: Buffer, _enc, cb) {
-        writes.push(Buffer.from(chunk));
-        cb();
-      },
-    });
     const exp = memoryExport(1 << 20, { name: 'b' });
     await exp.backend.write(0, Buffer.alloc(1 << 16, 0x5a), false);
-    const served = serveConnection(wire, [exp], { userBuffers: false });
-    wire.push(Buffer.concat([Buffer.from('00000003', 'hex'), encodeOption(Opt.GO, encodeInfoRequest('b', []))]));
-    for (let i = 0; i < 50 && served.phase !== 'transmission'; i++) await new Promise((r) => setImmediate(r));
-    assert.equal(served.phase, 'transmission');
-    writes.length = 0;
+    const { wire, writes, served } = await servedOnRecordingWire(exp);
     const burst: Buffer[] = [];
     for (let i = 0; i < 16; i++) burst.push(encodeRequest({ type: Cmd.READ, flags: 0, cookie: BigInt(i + 1), offset: BigInt(i * 512), length: 512 }));
     burst.push(encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: 99n, offset: 0n, length: 3 }), Buffer.from('abc'));
@@ -648,14 +656,6 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
   });
 
   it('replies of requests that complete together outside a burst leave in one write', { timeout: TIMEOUT }, async () => {
-    const writes: Buffer[] = [];
-    const wire = new Duplex({
-      read() {},
-      write(chunk: Buffer, _enc, cb) {
-        writes.push(Buffer.from(chunk));
-        cb();
-      },
-    });
     const mem = memoryExport(1 << 20, { name: 'h' });
     // A backend whose writes cannot finish inline and all complete at once, as pool writes under load.
     let open!: () => void;
@@ -667,10 +667,7 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
         await mem.backend.write(offset, data, fua);
       },
     });
-    const served = serveConnection(wire, [{ ...mem, backend }], { userBuffers: false });
-    wire.push(Buffer.concat([Buffer.from('00000003', 'hex'), encodeOption(Opt.GO, encodeInfoRequest('h', []))]));
-    for (let i = 0; i < 50 && served.phase !== 'transmission'; i++) await new Promise((r) => setImmediate(r));
-    assert.equal(served.phase, 'transmission');
+    const { wire, writes, served } = await servedOnRecordingWire({ ...mem, backend });
     for (let i = 0; i < 8; i++) {
       wire.push(Buffer.concat([encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: BigInt(i + 1), offset: BigInt(i * 4), length: 4 }), Buffer.from('wxyz')]));
     }
