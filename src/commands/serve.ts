@@ -1,5 +1,5 @@
 // `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--port N | --unix PATH]
-//  [--bind ADDR] [--read-only] [--tls on|require --tls-certificates DIR]`: the built-in NBD server,
+//  [--bind ADDR] [--read-only] [--tls on|require --tls-certificates DIR [--tls-verify-peer]]`: the built-in NBD server,
 //  usable by any NBD client.
 
 import { existsSync, readFileSync } from 'node:fs';
@@ -20,6 +20,7 @@ interface ServeOptions {
   readOnly?: boolean;
   tls: (typeof TLS_MODES)[number];
   tlsCertificates?: string;
+  tlsVerifyPeer?: boolean;
 }
 
 const TLS_MODES = ['off', 'on', 'require'] as const;
@@ -107,6 +108,7 @@ export function register(program: Command): void {
     .option('-r, --read-only', 'refuse writes (clients see NBD_FLAG_READ_ONLY)')
     .addOption(new Option('--tls <mode>', 'TLS through NBD_OPT_STARTTLS: on (offered) or require (all options need it first)').choices(TLS_MODES).default('off'))
     .option('--tls-certificates <dir>', 'X.509 directory with server-cert.pem and server-key.pem (as for nbdkit and qemu); needed with --tls on|require')
+    .option('--tls-verify-peer', 'with TLS, accept only clients whose certificate is signed by the directory\'s ca-cert.pem')
     .action(async (files: string[], opts: ServeOptions) => {
       const mode = opts.tls;
       if (mode !== 'off' && opts.tlsCertificates === undefined) {
@@ -115,7 +117,13 @@ export function register(program: Command): void {
       if (mode === 'off' && opts.tlsCertificates !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve --tls-certificates: also give --tls on or --tls require');
       }
-      const tlsConfig = mode === 'off' ? undefined : { mode, context: loadTlsContext(opts.tlsCertificates!) };
+      if (mode === 'off' && opts.tlsVerifyPeer) {
+        throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer: also give --tls on or --tls require');
+      }
+      if (opts.tlsVerifyPeer && !existsSync(join(opts.tlsCertificates!, 'ca-cert.pem'))) {
+        throw new NbdError('NBD_E_USAGE', `serve --tls-verify-peer: ${join(opts.tlsCertificates!, 'ca-cert.pem')} is missing: clients are verified against it`);
+      }
+      const tlsConfig = mode === 'off' ? undefined : { mode, context: loadTlsContext(opts.tlsCertificates!), verifyPeer: opts.tlsVerifyPeer === true };
       if (opts.unix !== undefined && opts.port !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
@@ -135,7 +143,7 @@ export function register(program: Command): void {
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
         ...(tlsConfig ? { connection: { tls: tlsConfig } } : {}),
       });
-      const tlsNote = tlsConfig ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}` : '';
+      const tlsNote = tlsConfig ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}${tlsConfig.verifyPeer ? ', client certificates verified' : ''}` : '';
       process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsNote}; exports: ${exports.map(describe).join(', ')}\n`);
 
       // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.

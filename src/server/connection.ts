@@ -75,6 +75,20 @@ function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket | undefi
   return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
 }
 
+/**
+ * Why the client's certificate does not verify against the server's CA, or undefined if it does.
+ * Only tls.Server checks this itself (and fills `authorized`); a TLSSocket wrapped around an
+ * existing socket, as STARTTLS needs, asks its handle like tls.Server does (Node's _tls_wrap.js
+ * onServerSocketSecure). Fails closed if that handle method is not there.
+ */
+function peerVerificationError(secure: tls.TLSSocket): string | undefined {
+  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
+  if (typeof handle?.verifyError !== 'function') return 'cannot check it in this Node.js version';
+  if (Object.keys(secure.getPeerCertificate()).length === 0) return 'none presented';
+  const err = handle.verifyError();
+  return err ? ((err as Error & { code?: string }).code ?? err.message) : undefined;
+}
+
 export interface ConnectionOptions {
   /** Requests executing or waiting for their reply to be written (default 64). */
   maxInFlight?: number;
@@ -92,7 +106,13 @@ export interface ConnectionOptions {
    * TLS (`serve --tls`): offered ('on') or required ('require') through NBD_OPT_STARTTLS, with this
    * server certificate. The TLS handshake must finish within `handshakeTimeoutMs` (default 30 s).
    */
-  tls?: { mode: Exclude<TlsMode, 'off'>; context: tls.SecureContext; handshakeTimeoutMs?: number };
+  tls?: {
+    mode: Exclude<TlsMode, 'off'>;
+    context: tls.SecureContext;
+    handshakeTimeoutMs?: number;
+    /** Require a client certificate that verifies against the context's CA (nbdkit's --tls-verify-peer). */
+    verifyPeer?: boolean;
+  };
 }
 
 export type ConnectionPhase = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -216,7 +236,8 @@ class Connection implements ServedConnection {
     raw.off('end', this.onEndEvent);
     const wrap = (): void => {
       raw.off('close', this.onCloseEvent); // the TLS socket reports the close from now on
-      const secure = new tls.TLSSocket(raw as net.Socket, { isServer: true, secureContext: opts.context });
+      const verify = opts.verifyPeer === true;
+      const secure = new tls.TLSSocket(raw as net.Socket, { isServer: true, secureContext: opts.context, requestCert: verify, rejectUnauthorized: verify });
       this.socket = secure;
       const timer = setTimeout(() => {
         this.closeReason ??= 'TLS handshake did not finish in time';
@@ -225,6 +246,15 @@ class Connection implements ServedConnection {
       timer.unref();
       secure.once('secure', () => {
         clearTimeout(timer);
+        if (verify) {
+          const refused = peerVerificationError(secure);
+          if (refused) {
+            this.closeReason ??= `TLS client certificate refused: ${refused}`;
+            log('%s', this.closeReason);
+            secure.destroy();
+            return;
+          }
+        }
         log('TLS established: %s %s', secure.getProtocol(), secure.getCipher()?.name);
         this.hs.tlsStarted();
       });

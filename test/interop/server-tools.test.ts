@@ -229,6 +229,14 @@ describe('nbd-attach serve: defaults, read-only, shutdown, usage', { timeout: 12
     const certs = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', path.join(dir, 'no-pki')]);
     assert.equal(certs.status, 2);
     assert.match(certs.stderr, /^nbd-attach: serve --tls-certificates: cannot read .*server-cert\.pem: ENOENT/);
+    const verifyAlone = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls-verify-peer']);
+    assert.equal(verifyAlone.status, 2);
+    assert.match(verifyAlone.stderr, /^nbd-attach: serve --tls-verify-peer: also give --tls on or --tls require/);
+    const noCa = path.join(dir, 'no-ca');
+    mkdirSync(noCa);
+    const verifyNoCa = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-verify-peer']);
+    assert.equal(verifyNoCa.status, 2);
+    assert.match(verifyNoCa.stderr, /^nbd-attach: serve --tls-verify-peer: .*ca-cert\.pem is missing/);
     const missing = run(process.execPath, [BIN, 'serve', path.join(dir, 'missing.img')]);
     assert.equal(missing.status, 2);
     assert.match(missing.stderr, /no such file/);
@@ -288,6 +296,41 @@ describe('nbd-attach serve with TLS (NBD_OPT_STARTTLS) and real clients', { time
       assert.equal(secure.exports[0]!['export-size'], 1 << 20);
     } finally {
       await stop(s);
+    }
+  });
+
+  it('--tls-verify-peer: only clients with a certificate signed by the CA get in', async () => {
+    const s = await serve(['--tls', 'require', '--tls-certificates', pki, '--tls-verify-peer', '--memory', '1M']);
+    try {
+      assert.match(s.line, /TLS required, client certificates verified/);
+      // libnbd and qemu present client-cert.pem/client-key.pem from the directory.
+      const uri = (certs: string): string => `nbds://127.0.0.1:${s.port}/memory?tls-certificates=${certs}`;
+      const good = JSON.parse(ok('nbdinfo', ['--json', uri(pki)])) as { exports: Record<string, unknown>[] };
+      assert.equal(good.exports[0]!['export-size'], 1 << 20);
+      const qemu = ok('qemu-io', [
+        '--object', `tls-creds-x509,id=tls0,dir=${pki},endpoint=client`,
+        '--image-opts', `driver=nbd,host=127.0.0.1,port=${s.port},export=memory,tls-creds=tls0`,
+        '-c', 'write -P 0x5a 0 4k', '-c', 'read -P 0x5a 0 4k',
+      ]);
+      assert.match(qemu, /read 4096\/4096/);
+      // The CA alone, no client certificate: refused.
+      const caOnly = path.join(dir, 'ca-only');
+      mkdirSync(caOnly);
+      writeFileSync(path.join(caOnly, 'ca-cert.pem'), readFileSync(path.join(pki, 'ca-cert.pem')));
+      assert.notEqual(run('nbdinfo', [uri(caOnly)]).status, 0);
+      // A client certificate from another CA: refused.
+      const other = path.join(dir, 'other-client');
+      mkdirSync(other);
+      const otherPki = makePki(other);
+      const foreign = path.join(dir, 'foreign-client');
+      mkdirSync(foreign);
+      writeFileSync(path.join(foreign, 'ca-cert.pem'), readFileSync(path.join(pki, 'ca-cert.pem')));
+      for (const f of ['client-cert.pem', 'client-key.pem']) writeFileSync(path.join(foreign, f), readFileSync(path.join(otherPki, f)));
+      assert.notEqual(run('nbdinfo', [uri(foreign)]).status, 0);
+      // And the server still serves the right client.
+      assert.equal((JSON.parse(ok('nbdinfo', ['--json', uri(pki)])) as { exports: Record<string, unknown>[] }).exports[0]!['export-size'], 1 << 20);
+    } finally {
+      assert.deepEqual(await stop(s), { code: 0, signal: null });
     }
   });
 

@@ -229,5 +229,9 @@ export function makePki(where: string): string {
   ssl(['req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-keyout', 'server-key.pem', '-out', 'server.csr']);
   writeFileSync(path.join(pki, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
   ssl(['x509', '-req', '-in', 'server.csr', '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-days', '2', '-extfile', 'ext.cnf', '-out', 'server-cert.pem']);
+  // A client certificate too (libnbd and qemu present client-cert.pem/client-key.pem when the directory has them).
+  ssl(['req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=nbd-attach test client', '-keyout', 'client-key.pem', '-out', 'client.csr']);
+  writeFileSync(path.join(pki, 'client-ext.cnf'), 'extendedKeyUsage=clientAuth\n');
+  ssl(['x509', '-req', '-in', 'client.csr', '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-days', '2', '-extfile', 'client-ext.cnf', '-out', 'client-cert.pem']);
   return pki;
 }
