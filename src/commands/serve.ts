@@ -1,5 +1,5 @@
 // `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--port N | --unix PATH]
-//  [--bind ADDR] [--read-only] [--tls on|require --tls-certificates DIR [--tls-verify-peer]]`: the built-in NBD server,
+//  [--bind ADDR] [--read-only] [--tls on|require (--tls-certificates DIR [--tls-verify-peer] | --tls-psk FILE)]`: the built-in NBD server,
 //  usable by any NBD client.
 
 import { existsSync, readFileSync } from 'node:fs';
@@ -21,6 +21,7 @@ interface ServeOptions {
   tls: (typeof TLS_MODES)[number];
   tlsCertificates?: string;
   tlsVerifyPeer?: boolean;
+  tlsPsk?: string;
 }
 
 const TLS_MODES = ['off', 'on', 'require'] as const;
@@ -45,6 +46,29 @@ export function loadTlsContext(dir: string): tls.SecureContext {
     if (err instanceof NbdError) throw err;
     throw new NbdError('NBD_E_USAGE', `serve --tls-certificates ${dir}: ${(err as Error).message}`);
   }
+}
+
+/**
+ * Pre-shared keys for `--tls-psk FILE`, in the format of nbdkit's --tls-psk and GnuTLS's psktool
+ * (what libnbd's tls-psk-file and qemu's tls-creds-psk read): one `identity:hexkey` per line.
+ */
+export function loadPskFile(file: string): Map<string, Buffer> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new NbdError('NBD_E_USAGE', `serve --tls-psk: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  const keys = new Map<string, Buffer>();
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '') return;
+    const m = /^([^:]+):((?:[0-9a-fA-F]{2})+)$/.exec(line);
+    if (!m) throw new NbdError('NBD_E_USAGE', `serve --tls-psk: ${file} line ${i + 1} is not IDENTITY:HEXKEY (as psktool writes)`);
+    keys.set(m[1]!, Buffer.from(m[2]!, 'hex'));
+  });
+  if (keys.size === 0) throw new NbdError('NBD_E_USAGE', `serve --tls-psk: ${file} holds no keys (lines IDENTITY:HEXKEY)`);
+  return keys;
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -109,21 +133,31 @@ export function register(program: Command): void {
     .addOption(new Option('--tls <mode>', 'TLS through NBD_OPT_STARTTLS: on (offered) or require (all options need it first)').choices(TLS_MODES).default('off'))
     .option('--tls-certificates <dir>', 'X.509 directory with server-cert.pem and server-key.pem (as for nbdkit and qemu); needed with --tls on|require')
     .option('--tls-verify-peer', 'with TLS, accept only clients whose certificate is signed by the directory\'s ca-cert.pem')
+    .option('--tls-psk <file>', 'with TLS, pre-shared keys instead of certificates: lines IDENTITY:HEXKEY (as nbdkit and psktool)')
     .action(async (files: string[], opts: ServeOptions) => {
       const mode = opts.tls;
-      if (mode !== 'off' && opts.tlsCertificates === undefined) {
-        throw new NbdError('NBD_E_USAGE', `serve --tls ${mode}: give --tls-certificates DIR (server-cert.pem, server-key.pem)`);
+      if (opts.tlsPsk !== undefined && opts.tlsCertificates !== undefined) {
+        throw new NbdError('NBD_E_USAGE', 'serve: give either --tls-certificates or --tls-psk, not both');
       }
-      if (mode === 'off' && opts.tlsCertificates !== undefined) {
-        throw new NbdError('NBD_E_USAGE', 'serve --tls-certificates: also give --tls on or --tls require');
+      if (mode !== 'off' && opts.tlsCertificates === undefined && opts.tlsPsk === undefined) {
+        throw new NbdError('NBD_E_USAGE', `serve --tls ${mode}: give --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE`);
       }
-      if (mode === 'off' && opts.tlsVerifyPeer) {
-        throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer: also give --tls on or --tls require');
+      for (const [given, flag] of [[opts.tlsCertificates !== undefined, '--tls-certificates'], [opts.tlsVerifyPeer, '--tls-verify-peer'], [opts.tlsPsk !== undefined, '--tls-psk']] as const) {
+        if (mode === 'off' && given) throw new NbdError('NBD_E_USAGE', `serve ${flag}: also give --tls on or --tls require`);
+      }
+      if (opts.tlsPsk !== undefined && opts.tlsVerifyPeer) {
+        throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer checks certificates: with --tls-psk a client proves itself by its key');
       }
       if (opts.tlsVerifyPeer && !existsSync(join(opts.tlsCertificates!, 'ca-cert.pem'))) {
         throw new NbdError('NBD_E_USAGE', `serve --tls-verify-peer: ${join(opts.tlsCertificates!, 'ca-cert.pem')} is missing: clients are verified against it`);
       }
-      const tlsConfig = mode === 'off' ? undefined : { mode, context: loadTlsContext(opts.tlsCertificates!), verifyPeer: opts.tlsVerifyPeer === true };
+      const tlsConfig =
+        mode === 'off'
+          ? undefined
+          : opts.tlsPsk !== undefined
+            ? // 'PSK' names the TLS 1.2 PSK suites; TLS 1.3 suites need no change to take a PSK.
+              { mode, context: tls.createSecureContext({ ciphers: 'PSK' }), psk: loadPskFile(opts.tlsPsk) }
+            : { mode, context: loadTlsContext(opts.tlsCertificates!), verifyPeer: opts.tlsVerifyPeer === true };
       if (opts.unix !== undefined && opts.port !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
@@ -143,7 +177,9 @@ export function register(program: Command): void {
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
         ...(tlsConfig ? { connection: { tls: tlsConfig } } : {}),
       });
-      const tlsNote = tlsConfig ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}${tlsConfig.verifyPeer ? ', client certificates verified' : ''}` : '';
+      const tlsNote = tlsConfig
+        ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}${'psk' in tlsConfig && tlsConfig.psk ? `, pre-shared keys (${tlsConfig.psk.size})` : tlsConfig.verifyPeer ? ', client certificates verified' : ''}`
+        : '';
       process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsNote}; exports: ${exports.map(describe).join(', ')}\n`);
 
       // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.

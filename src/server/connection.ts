@@ -112,6 +112,8 @@ export interface ConnectionOptions {
     handshakeTimeoutMs?: number;
     /** Require a client certificate that verifies against the context's CA (nbdkit's --tls-verify-peer). */
     verifyPeer?: boolean;
+    /** Pre-shared keys by identity (nbdkit's --tls-psk) instead of certificates; `context` then allows PSK suites. */
+    psk?: ReadonlyMap<string, Buffer>;
   };
 }
 
@@ -237,7 +239,20 @@ class Connection implements ServedConnection {
     const wrap = (): void => {
       raw.off('close', this.onCloseEvent); // the TLS socket reports the close from now on
       const verify = opts.verifyPeer === true;
-      const secure = new tls.TLSSocket(raw as net.Socket, { isServer: true, secureContext: opts.context, requestCert: verify, rejectUnauthorized: verify });
+      const psk = opts.psk;
+      const secure = new tls.TLSSocket(raw as net.Socket, {
+        isServer: true,
+        secureContext: opts.context,
+        requestCert: verify,
+        rejectUnauthorized: verify,
+        ...(psk && {
+          pskCallback: (_socket: tls.TLSSocket, identity: string): Buffer | null => {
+            const key = psk.get(identity) ?? null;
+            if (!key) this.closeReason ??= `TLS: unknown PSK identity ${JSON.stringify(identity)}`;
+            return key;
+          },
+        }),
+      } as tls.TLSSocketOptions);
       this.socket = secure;
       const timer = setTimeout(() => {
         this.closeReason ??= 'TLS handshake did not finish in time';

@@ -237,6 +237,14 @@ describe('nbd-attach serve: defaults, read-only, shutdown, usage', { timeout: 12
     const verifyNoCa = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-verify-peer']);
     assert.equal(verifyNoCa.status, 2);
     assert.match(verifyNoCa.stderr, /^nbd-attach: serve --tls-verify-peer: .*ca-cert\.pem is missing/);
+    const both = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-psk', path.join(noCa, 'keys.psk')]);
+    assert.equal(both.status, 2);
+    assert.match(both.stderr, /^nbd-attach: serve: give either --tls-certificates or --tls-psk, not both/);
+    const badPsk = path.join(dir, 'bad.psk');
+    writeFileSync(badPsk, 'alice:c0ffee\nbob=123\n');
+    const pskLine = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-psk', badPsk]);
+    assert.equal(pskLine.status, 2);
+    assert.match(pskLine.stderr, /^nbd-attach: serve --tls-psk: .*bad\.psk line 2 is not IDENTITY:HEXKEY/);
     const missing = run(process.execPath, [BIN, 'serve', path.join(dir, 'missing.img')]);
     assert.equal(missing.status, 2);
     assert.match(missing.stderr, /no such file/);
@@ -329,6 +337,36 @@ describe('nbd-attach serve with TLS (NBD_OPT_STARTTLS) and real clients', { time
       assert.notEqual(run('nbdinfo', [uri(foreign)]).status, 0);
       // And the server still serves the right client.
       assert.equal((JSON.parse(ok('nbdinfo', ['--json', uri(pki)])) as { exports: Record<string, unknown>[] }).exports[0]!['export-size'], 1 << 20);
+    } finally {
+      assert.deepEqual(await stop(s), { code: 0, signal: null });
+    }
+  });
+
+  it('--tls-psk: clients with the right pre-shared key get in (libnbd, qemu); a wrong key or identity does not', async () => {
+    const keyDir = path.join(dir, 'psk');
+    mkdirSync(keyDir);
+    const keys = path.join(keyDir, 'keys.psk'); // qemu's tls-creds-psk reads DIR/keys.psk
+    const alice = randomBytes(32).toString('hex');
+    writeFileSync(keys, `alice:${alice}\n`);
+    const s = await serve(['--tls', 'require', '--tls-psk', keys, '--memory', '1M']);
+    try {
+      assert.match(s.line, /TLS required, pre-shared keys \(1\)/);
+      const uri = (user: string, file: string): string => `nbds://${user}@127.0.0.1:${s.port}/memory?tls-psk-file=${file}`;
+      const good = JSON.parse(ok('nbdinfo', ['--json', uri('alice', keys)])) as { exports: Record<string, unknown>[] };
+      assert.equal(good.exports[0]!['export-size'], 1 << 20);
+      const qemu = ok('qemu-io', [
+        '--object', `tls-creds-psk,id=tls0,dir=${keyDir},username=alice,endpoint=client`,
+        '--image-opts', `driver=nbd,host=127.0.0.1,port=${s.port},export=memory,tls-creds=tls0`,
+        '-c', 'write -P 0x6b 0 4k', '-c', 'read -P 0x6b 0 4k',
+      ]);
+      assert.match(qemu, /read 4096\/4096/);
+      const wrongKey = path.join(dir, 'wrong.psk');
+      writeFileSync(wrongKey, `alice:${randomBytes(32).toString('hex')}\n`);
+      assert.notEqual(run('nbdinfo', [uri('alice', wrongKey)]).status, 0);
+      const stranger = path.join(dir, 'stranger.psk');
+      writeFileSync(stranger, `mallory:${alice}\n`);
+      assert.notEqual(run('nbdinfo', [uri('mallory', stranger)]).status, 0);
+      assert.equal((JSON.parse(ok('nbdinfo', ['--json', uri('alice', keys)])) as { exports: Record<string, unknown>[] }).exports[0]!['export-size'], 1 << 20);
     } finally {
       assert.deepEqual(await stop(s), { code: 0, signal: null });
     }
