@@ -8,6 +8,7 @@ import tls from 'node:tls';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { NbdError } from '../errors.ts';
 import { DEFAULT_PORT } from '../protocol/constants.ts';
+import type { ConnectionOptions } from '../server/connection.ts';
 import { fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
 import { isReadOnly } from '../server/export.ts';
 
@@ -69,6 +70,35 @@ export function loadPskFile(file: string): Map<string, Buffer> {
   });
   if (keys.size === 0) throw new NbdError('NBD_E_USAGE', `serve --tls-psk: ${file} holds no keys (lines IDENTITY:HEXKEY)`);
   return keys;
+}
+
+/**
+ * The server's TLS settings from serve's options (a usage error for combinations that make no sense),
+ * and how the start-up line describes them; undefined with --tls off.
+ */
+function tlsSettingsOf(opts: ServeOptions): { config: NonNullable<ConnectionOptions['tls']>; note: string } | undefined {
+  const mode = opts.tls;
+  if (opts.tlsPsk !== undefined && opts.tlsCertificates !== undefined) {
+    throw new NbdError('NBD_E_USAGE', 'serve: give either --tls-certificates or --tls-psk, not both');
+  }
+  for (const [given, flag] of [[opts.tlsCertificates !== undefined, '--tls-certificates'], [opts.tlsVerifyPeer, '--tls-verify-peer'], [opts.tlsPsk !== undefined, '--tls-psk']] as const) {
+    if (mode === 'off' && given) throw new NbdError('NBD_E_USAGE', `serve ${flag}: also give --tls on or --tls require`);
+  }
+  if (mode === 'off') return undefined;
+  const how = `; TLS ${mode === 'require' ? 'required' : 'offered'}`;
+  if (opts.tlsPsk !== undefined) {
+    if (opts.tlsVerifyPeer) throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer checks certificates: with --tls-psk a client proves itself by its key');
+    const psk = loadPskFile(opts.tlsPsk);
+    // 'PSK' names the TLS 1.2 PSK suites; TLS 1.3 suites need no change to take a PSK.
+    return { config: { mode, context: tls.createSecureContext({ ciphers: 'PSK' }), psk }, note: `${how}, pre-shared keys (${psk.size})` };
+  }
+  const dir = opts.tlsCertificates;
+  if (dir === undefined) throw new NbdError('NBD_E_USAGE', `serve --tls ${mode}: give --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE`);
+  const verifyPeer = opts.tlsVerifyPeer === true;
+  if (verifyPeer && !existsSync(join(dir, 'ca-cert.pem'))) {
+    throw new NbdError('NBD_E_USAGE', `serve --tls-verify-peer: ${join(dir, 'ca-cert.pem')} is missing: clients are verified against it`);
+  }
+  return { config: { mode, context: loadTlsContext(dir), verifyPeer }, note: `${how}${verifyPeer ? ', client certificates verified' : ''}` };
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -135,29 +165,7 @@ export function register(program: Command): void {
     .option('--tls-verify-peer', 'with TLS, accept only clients whose certificate is signed by the directory\'s ca-cert.pem')
     .option('--tls-psk <file>', 'with TLS, pre-shared keys instead of certificates: lines IDENTITY:HEXKEY (as nbdkit and psktool)')
     .action(async (files: string[], opts: ServeOptions) => {
-      const mode = opts.tls;
-      if (opts.tlsPsk !== undefined && opts.tlsCertificates !== undefined) {
-        throw new NbdError('NBD_E_USAGE', 'serve: give either --tls-certificates or --tls-psk, not both');
-      }
-      if (mode !== 'off' && opts.tlsCertificates === undefined && opts.tlsPsk === undefined) {
-        throw new NbdError('NBD_E_USAGE', `serve --tls ${mode}: give --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE`);
-      }
-      for (const [given, flag] of [[opts.tlsCertificates !== undefined, '--tls-certificates'], [opts.tlsVerifyPeer, '--tls-verify-peer'], [opts.tlsPsk !== undefined, '--tls-psk']] as const) {
-        if (mode === 'off' && given) throw new NbdError('NBD_E_USAGE', `serve ${flag}: also give --tls on or --tls require`);
-      }
-      if (opts.tlsPsk !== undefined && opts.tlsVerifyPeer) {
-        throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer checks certificates: with --tls-psk a client proves itself by its key');
-      }
-      if (opts.tlsVerifyPeer && !existsSync(join(opts.tlsCertificates!, 'ca-cert.pem'))) {
-        throw new NbdError('NBD_E_USAGE', `serve --tls-verify-peer: ${join(opts.tlsCertificates!, 'ca-cert.pem')} is missing: clients are verified against it`);
-      }
-      const tlsConfig =
-        mode === 'off'
-          ? undefined
-          : opts.tlsPsk !== undefined
-            ? // 'PSK' names the TLS 1.2 PSK suites; TLS 1.3 suites need no change to take a PSK.
-              { mode, context: tls.createSecureContext({ ciphers: 'PSK' }), psk: loadPskFile(opts.tlsPsk) }
-            : { mode, context: loadTlsContext(opts.tlsCertificates!), verifyPeer: opts.tlsVerifyPeer === true };
+      const tlsSettings = tlsSettingsOf(opts);
       if (opts.unix !== undefined && opts.port !== undefined) {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
@@ -175,12 +183,9 @@ export function register(program: Command): void {
       const srv = await startServer({
         exports,
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
-        ...(tlsConfig ? { connection: { tls: tlsConfig } } : {}),
+        ...(tlsSettings ? { connection: { tls: tlsSettings.config } } : {}),
       });
-      const tlsNote = tlsConfig
-        ? `; TLS ${tlsConfig.mode === 'require' ? 'required' : 'offered'}${'psk' in tlsConfig && tlsConfig.psk ? `, pre-shared keys (${tlsConfig.psk.size})` : tlsConfig.verifyPeer ? ', client certificates verified' : ''}`
-        : '';
-      process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsNote}; exports: ${exports.map(describe).join(', ')}\n`);
+      process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsSettings?.note ?? ''}; exports: ${exports.map(describe).join(', ')}\n`);
 
       // SIGTERM/SIGINT: finish in-flight requests, flush, close; a second signal exits at once.
       await new Promise<void>((resolve) => {
