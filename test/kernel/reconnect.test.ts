@@ -288,7 +288,8 @@ test('-C 4: one TCP connection killed with ss -K: I/O continues on the others an
   assert.equal(k.code, 0, k.stderr);
   console.log(`# killed ${victim}: ss -K printed: ${k.stdout.trim().replace(/\n/g, ' | ')}`);
   await waitFor(() => /reconnected after/.test(sup.out()), 60_000, { what: 'replacement connection' }).catch(async (e: Error) => {
-    throw new Error(`${e.message}\nss now: ${(await established()).join(' | ')}\nsupervisor:\n${sup.out()}`);
+    // (nbdkit's own output too: once, all four connections were dropped and the port refused connections.)
+    throw new Error(`${e.message}\nss now: ${(await established()).join(' | ')}\nnbdkit (pid ${server.pid}):\n${server.log()}\nsupervisor:\n${sup.out()}`);
   });
   assertFioClean(await fio, 'ss -K one of four');
   const conns = await established();
