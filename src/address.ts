@@ -6,12 +6,37 @@ import { DEFAULT_PORT } from './protocol/constants.ts';
 
 export type Endpoint = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
+/**
+ * How to do TLS with the server (src/client/tls.ts). Paths only, never key material: this is also
+ * what the supervisor's state file keeps so a reconnect or `--reattach` negotiates TLS the same way.
+ */
+export interface TlsSettings {
+  /** Name the server's certificate must carry (default: the host; 'localhost' over a unix socket). */
+  hostname?: string;
+  /** Trusted CA certificates (PEM); default certificatesDir/ca-cert.pem, else the system's CAs. */
+  caFile?: string;
+  /** Client certificate and key (PEM) for servers that verify clients; default certificatesDir/client-*.pem. */
+  certFile?: string;
+  keyFile?: string;
+  /** libnbd's and qemu's layout: ca-cert.pem, client-cert.pem, client-key.pem. */
+  certificatesDir?: string;
+  /** Check the server's certificate and name (default true; uri.md tls-verify-peer). */
+  verifyPeer?: boolean;
+  /** Pre-shared keys instead of certificates: IDENTITY:HEXKEY lines (psktool's format). */
+  pskFile?: string;
+  /** PSK identity (default: the login name, as uri.md's userinfo and libnbd). */
+  username?: string;
+}
+
 export interface Target {
   endpoint: Endpoint;
   /** Export name from a URI path; undefined when the address did not name one. */
   exportName?: string;
-  /** True for nbds:// and nbds+unix:// (uri.md: "If encryption cannot be negotiated then the connection MUST fail"). */
-  tls: boolean;
+  /**
+   * TLS settings when TLS is required (nbds://, nbds+unix://, -x/--tls), else false. uri.md: "If
+   * encryption cannot be negotiated then the connection MUST fail".
+   */
+  tls: false | TlsSettings;
 }
 
 function usage(message: string): NbdError {
@@ -34,8 +59,35 @@ export function isUri(text: string): boolean {
   return /^[a-z][a-z0-9+.-]*:\/\//i.test(text);
 }
 
-/** uri.md parameters we understand; TLS ones are accepted only to be refused clearly with nbds. */
-const TLS_PARAMS = new Set(['tls-type', 'tls-hostname', 'tls-verify-peer', 'tls-certificates', 'tls-psk-file']);
+/**
+ * uri.md's TLS parameters (tls-type, tls-hostname, tls-verify-peer) and libnbd's (tls-certificates,
+ * tls-psk-file, tls-username), into settings. Pure.
+ */
+function tlsParam(settings: TlsSettings, key: string, value: string, text: string): boolean {
+  switch (key) {
+    case 'tls-type':
+      if (value === 'anon') throw usage(`URI '${text}': tls-type=anon (no authentication) is not supported: use x509 or psk`);
+      if (value !== 'x509' && value !== 'psk') throw usage(`URI '${text}': tls-type must be x509 or psk, not '${value}'`);
+      return true; // x509 vs psk follows from tls-psk-file
+    case 'tls-hostname':
+      settings.hostname = value;
+      return true;
+    case 'tls-verify-peer':
+      if (!/^(0|1|true|false)$/i.test(value)) throw usage(`URI '${text}': tls-verify-peer must be 0 or 1, not '${value}'`);
+      settings.verifyPeer = /^(1|true)$/i.test(value);
+      return true;
+    case 'tls-certificates':
+      settings.certificatesDir = value;
+      return true;
+    case 'tls-psk-file':
+      settings.pskFile = value;
+      return true;
+    case 'tls-username':
+      settings.username = value;
+      return true;
+  }
+  return false;
+}
 
 export function parseUri(text: string): Target {
   let url: URL;
@@ -59,10 +111,14 @@ export function parseUri(text: string): Target {
     throw usage(`URI '${text}': export name is not valid percent-encoding`);
   }
   let socket: string | undefined;
+  const settings: TlsSettings = {};
+  // uri.md "NBD URI authority": userinfo is the username for TLS authentication (PSK identity).
+  if (url.username) settings.username = decodeURIComponent(url.username);
   for (const [key, value] of url.searchParams) {
     if (key === 'socket' && unix) socket = value;
-    else if (TLS_PARAMS.has(key)) {
+    else if (key.startsWith('tls-')) {
       if (!tls) throw usage(`URI '${text}': '${key}' needs a TLS scheme (nbds:// or nbds+unix://)`);
+      if (!tlsParam(settings, key, value, text)) throw usage(`URI '${text}': unknown parameter '${key}'`);
     } else throw usage(`URI '${text}': unknown parameter '${key}'`);
   }
   let endpoint: Endpoint;
@@ -75,7 +131,7 @@ export function parseUri(text: string): Target {
     const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
     endpoint = { kind: 'tcp', host, port: url.port ? parsePort(url.port) : DEFAULT_PORT };
   }
-  return { endpoint, exportName, tls };
+  return { endpoint, exportName, tls: tls ? settings : false };
 }
 
 /**

@@ -32,9 +32,10 @@ const COMPAT_COMMANDS: Record<string, string> = {
 const SINGLE_DASH_LONG = new Set([
   'name', 'block-size', 'size', 'timeout', 'dead-timeout', 'connections', 'persist', 'swap', 'readonly',
   'no-optgo', 'nonetlink', 'identifier', 'nofork', 'unix', 'systemd-mark', 'preinit',
+  'enable-tls', 'certfile', 'keyfile', 'cacertfile', 'tlshostname',
 ]);
 /** Long names nbd-client uses that we call differently. */
-const RENAMED: Record<string, string> = { '--readonly': '--read-only', '--nonetlink': '--ioctl', '--nofork': '--foreground' };
+const RENAMED: Record<string, string> = { '--readonly': '--read-only', '--nonetlink': '--ioctl', '--nofork': '--foreground', '--enable-tls': '--tls' };
 
 /** Pure: rewrite argv (without node and script) into the canonical `nbd-attach COMMAND …` form. */
 export function normalizeArgv(args: readonly string[], commandNames: readonly string[]): string[] {

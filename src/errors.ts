@@ -22,7 +22,6 @@ export type ExitCodeValue = (typeof ExitCode)[keyof typeof ExitCode];
 const EXIT_BY_CODE: Record<string, ExitCodeValue> = {
   NBD_E_USAGE: ExitCode.USAGE,
   NBD_E_ADDRESS: ExitCode.USAGE,
-  NBD_E_TLS_UNSUPPORTED: ExitCode.USAGE,
   NBD_E_CONNECT: ExitCode.CONNECT,
   NBD_E_CONNECT_TIMEOUT: ExitCode.CONNECT,
   NBD_E_HANDSHAKE_TIMEOUT: ExitCode.NEGOTIATION,
@@ -31,6 +30,8 @@ const EXIT_BY_CODE: Record<string, ExitCodeValue> = {
   NBD_E_OPTION: ExitCode.NEGOTIATION,
   NBD_E_EXPORT_UNKNOWN: ExitCode.NEGOTIATION,
   NBD_E_TLS_REQUIRED: ExitCode.NEGOTIATION,
+  /** TLS could not be negotiated: no STARTTLS, certificate not trusted, TLS handshake failed. */
+  NBD_E_TLS: ExitCode.NEGOTIATION,
   NBD_E_UNSUPPORTED: ExitCode.NEGOTIATION,
   NBD_E_PERMISSION: ExitCode.PERMISSION,
 };

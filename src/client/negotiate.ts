@@ -2,6 +2,7 @@
 // socket positioned exactly at the start of the transmission phase (nothing read past the handshake).
 
 import net from 'node:net';
+import tls from 'node:tls';
 import createDebug from 'debug';
 import { type Endpoint, type Target, describeEndpoint } from '../address.ts';
 import { NbdError } from '../errors.ts';
@@ -15,6 +16,7 @@ import {
   type ServerStyle,
   type Via,
 } from '../protocol/handshake.ts';
+import { relayForKernel, startTls, tlsConnectOptions } from './tls.ts';
 
 const debug = createDebug('nbd:client');
 
@@ -32,17 +34,16 @@ export interface NegotiateOptions {
 }
 
 export interface Connection {
-  /** Connected, handshake finished, paused, nothing buffered: ready for the kernel. */
+  /**
+   * Connected, handshake finished, paused, nothing buffered: ready for the kernel. With TLS, the
+   * kernel's end of a socketpair relayed to the TLS connection by this process (src/client/tls.ts).
+   */
   socket: net.Socket;
+  /** The TCP or unix socket to the server, when it is not `socket` itself (TLS): what to tune. */
+  transport?: net.Socket;
   info: ExportInfo;
   style: ServerStyle;
   via: Via;
-}
-
-function tlsRefused(target: Target): void {
-  if (target.tls) {
-    throw new NbdError('NBD_E_TLS_UNSUPPORTED', 'TLS not supported yet: use nbd:// or nbd+unix:// against a server that allows plain connections');
-  }
 }
 
 /** Open a TCP or unix stream socket with TCP_NODELAY and keepalive, failing clearly and in time. */
@@ -133,19 +134,35 @@ function readExactly(socket: net.Socket, n: number): Promise<Buffer | null> {
   });
 }
 
-/** Drive the handshake machine over a connected socket until it is done, within the deadline. */
-export async function runHandshake(socket: net.Socket, machine: ClientHandshake, deadline: number, where: string): Promise<HandshakeResult> {
+/**
+ * Drive the handshake machine over a connected socket until it is done, within the deadline. When
+ * the machine asks for TLS, `upgrade` runs the TLS handshake and the rest goes over the result, which
+ * is the socket returned.
+ */
+export async function runHandshake(
+  socket: net.Socket,
+  machine: ClientHandshake,
+  deadline: number,
+  where: string,
+  upgrade?: (plain: net.Socket) => Promise<net.Socket>,
+): Promise<{ result: HandshakeResult; socket: net.Socket }> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {
       reject(new NbdError('NBD_E_HANDSHAKE_TIMEOUT', `handshake with ${where} timed out in state ${machine.stateName}: the server stopped answering (--connect-timeout to wait longer)`));
     }, Math.max(0, deadline - Date.now()));
   });
-  const drive = async (): Promise<HandshakeResult> => {
+  const drive = async (): Promise<{ result: HandshakeResult; socket: net.Socket }> => {
     let step = machine.start();
     for (;;) {
       for (const b of step.send) socket.write(b);
-      if (step.done) return step.done;
+      if (step.done) return { result: step.done, socket };
+      if (step.startTls) {
+        if (!upgrade) throw new NbdError('NBD_E_TLS', `TLS was negotiated with ${where} but this connection cannot carry it`);
+        socket = await upgrade(socket);
+        step = machine.tlsDone();
+        continue;
+      }
       let bytes: Buffer | null;
       try {
         bytes = await readExactly(socket, step.want);
@@ -164,15 +181,26 @@ export async function runHandshake(socket: net.Socket, machine: ClientHandshake,
   }
 }
 
-async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number): Promise<{ socket: net.Socket; result: HandshakeResult }> {
+interface Attempt {
+  /** What the rest of the session speaks over: the TCP/unix socket, or TLS over it. */
+  socket: net.Socket;
+  /** The TCP/unix socket itself. */
+  transport: net.Socket;
+  result: HandshakeResult;
+}
+
+async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number): Promise<Attempt> {
   const deadline = Date.now() + timeoutMs;
   const where = describeEndpoint(target.endpoint);
-  const socket = await connectSocket(target.endpoint, deadline);
+  // TLS files are read before connecting, so a wrong path is a usage error, not a network one.
+  const tlsOptions = target.tls ? tlsConnectOptions(target.tls, target.endpoint) : undefined;
+  const transport = await connectSocket(target.endpoint, deadline);
   try {
-    const result = await runHandshake(socket, new ClientHandshake(goal), deadline, where);
-    return { socket, result };
+    const upgrade = tlsOptions && ((plain: net.Socket) => startTls(plain, tlsOptions, where));
+    const { result, socket } = await runHandshake(transport, new ClientHandshake({ ...goal, tls: target.tls !== false }), deadline, where, upgrade);
+    return { socket, transport, result };
   } catch (err) {
-    socket.destroy();
+    transport.destroy();
     throw err;
   }
 }
@@ -183,10 +211,9 @@ async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: num
  * (proto.md: some old servers close instead of answering NBD_REP_ERR_UNSUP).
  */
 export async function negotiate(target: Target, opts: NegotiateOptions): Promise<Connection> {
-  tlsRefused(target);
   const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
   const goal: HandshakeGoal = { kind: 'go', name: opts.exportName, noOptGo: opts.noOptGo ?? false };
-  let attempt: { socket: net.Socket; result: HandshakeResult };
+  let attempt: Attempt;
   try {
     attempt = await handshakeOnce(target, goal, timeoutMs);
   } catch (err) {
@@ -194,7 +221,15 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
     debug('server closed on NBD_OPT_GO: retrying once with NBD_OPT_EXPORT_NAME');
     attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs);
   }
-  return transmissionReady(attempt.socket, attempt.result);
+  const { socket, transport, result } = attempt;
+  const ready = transmissionReady(socket, result);
+  if (!(socket instanceof tls.TLSSocket)) return ready;
+  try {
+    return { ...ready, socket: relayForKernel(socket, describeEndpoint(target.endpoint)), transport };
+  } catch (err) {
+    transport.destroy();
+    throw err;
+  }
 }
 
 /** Check nothing was read past the handshake and package the connection for the kernel. */
@@ -215,7 +250,7 @@ export async function negotiateOn(socket: net.Socket, opts: NegotiateOptions, wh
   const deadline = Date.now() + (opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
   const goal: HandshakeGoal = { kind: 'go', name: opts.exportName, noOptGo: opts.noOptGo ?? false };
   try {
-    return transmissionReady(socket, await runHandshake(socket, new ClientHandshake(goal), deadline, where));
+    return transmissionReady(socket, (await runHandshake(socket, new ClientHandshake(goal), deadline, where)).result);
   } catch (err) {
     socket.destroy();
     throw err;
@@ -232,7 +267,6 @@ function closeQuery(socket: net.Socket, result: HandshakeResult): void {
 }
 
 async function query(target: Target, goal: HandshakeGoal, timeoutMs: number | undefined): Promise<HandshakeResult> {
-  tlsRefused(target);
   const { socket, result } = await handshakeOnce(target, goal, timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
   closeQuery(socket, result);
   return result;

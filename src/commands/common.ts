@@ -1,7 +1,7 @@
 // Option parsing shared by the commands that talk to a server (attach, list, info, …).
 
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { type Target, parseAddress } from '../address.ts';
+import { type Target, type TlsSettings, parseAddress } from '../address.ts';
 import { NbdError } from '../errors.ts';
 import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
 import { transmissionFlagNames } from '../protocol/constants.ts';
@@ -13,6 +13,17 @@ export interface ServerOptions {
   unix?: string;
   connectTimeout: number;
   noOptgo?: boolean;
+  /** TLS, with nbd-client's option names (-x, -A, -F, -K, -H) and libnbd's (certificates dir, PSK). */
+  tls?: boolean;
+  cacertfile?: string;
+  certfile?: string;
+  keyfile?: string;
+  tlshostname?: string;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsUsername?: string;
+  /** false with --no-tls-verify. */
+  tlsVerify?: boolean;
 }
 
 /** Commander parser for a duration in seconds (integer or decimal); returns milliseconds. */
@@ -26,6 +37,15 @@ export function addServerOptions(cmd: Command, { name = true }: { name?: boolean
   if (name) cmd.option('-N, --name <export>', "export name (default: the server's default export)");
   return cmd
     .option('-u, --unix <path>', 'connect to a unix-domain socket instead of TCP')
+    .option('-x, --tls', 'negotiate TLS (NBD_OPT_STARTTLS) and fail if the server cannot; an nbds:// URI or any TLS option below implies it')
+    .option('-A, --cacertfile <file>', "with TLS, trust the CAs in this PEM file for the server's certificate (default: the system's CAs)")
+    .option('-F, --certfile <file>', 'with TLS, present this client certificate (PEM; with -K)')
+    .option('-K, --keyfile <file>', "with TLS, the client certificate's key (PEM)")
+    .option('-H, --tlshostname <name>', "with TLS, the name the server's certificate must carry (default: the host)")
+    .option('--tls-certificates <dir>', 'with TLS, a directory with ca-cert.pem and optionally client-cert.pem and client-key.pem (as for libnbd and qemu)')
+    .option('--tls-psk <file>', 'with TLS, a pre-shared key instead of certificates: file of IDENTITY:HEXKEY lines (as psktool writes)')
+    .option('--tls-username <name>', 'with --tls-psk, the identity to use (default: your login name)')
+    .option('--no-tls-verify', "with TLS, do not check the server's certificate (encryption without authentication)")
     .addOption(
       new Option('--connect-timeout <seconds>', 'give up connecting and negotiating after this long')
         .argParser(seconds)
@@ -46,10 +66,29 @@ export function resolveTarget(host: string | undefined, port: string | undefined
     if (host === undefined) throw new NbdError('NBD_E_USAGE', 'no server given: nbd-attach HOST[:PORT] …, an nbd:// URI, or -u SOCKET');
     target = parseAddress(host, port);
   }
+  target = { ...target, tls: tlsFromOptions(target.tls, opts) };
   if (opts.name !== undefined && target.exportName !== undefined && target.exportName !== opts.name) {
     throw new NbdError('NBD_E_USAGE', `export named twice: '${target.exportName}' in the URI and '${opts.name}' with -N`);
   }
   return { target, exportName: opts.name ?? target.exportName ?? '' };
+}
+
+/**
+ * TLS settings from the URI's (nbds://…?tls-…) and the options, options winning. Any TLS option turns
+ * TLS on, as with nbd-client's -F/-K/-A; without one, a plain nbd:// target stays plain.
+ */
+export function tlsFromOptions(fromUri: Target['tls'], opts: ServerOptions): Target['tls'] {
+  const given: TlsSettings = {};
+  if (opts.cacertfile !== undefined) given.caFile = opts.cacertfile;
+  if (opts.certfile !== undefined) given.certFile = opts.certfile;
+  if (opts.keyfile !== undefined) given.keyFile = opts.keyfile;
+  if (opts.tlshostname !== undefined) given.hostname = opts.tlshostname;
+  if (opts.tlsCertificates !== undefined) given.certificatesDir = opts.tlsCertificates;
+  if (opts.tlsPsk !== undefined) given.pskFile = opts.tlsPsk;
+  if (opts.tlsUsername !== undefined) given.username = opts.tlsUsername;
+  if (opts.tlsVerify === false) given.verifyPeer = false;
+  if (fromUri === false && opts.tls !== true && Object.keys(given).length === 0) return false;
+  return { ...(fromUri || {}), ...given };
 }
 
 /** 1073741824 → "1 GiB" (one formatter: src/server/size.ts); exact bytes are printed alongside where it matters. */

@@ -16,7 +16,7 @@ export function register(program: Command): void {
       const r = await exportInfo(target, exportName, { timeoutMs: opts.connectTimeout });
       const info = r.info!;
       if (opts.json) {
-        const out = { server: describeEndpoint(target.endpoint), handshake: r.style, via: r.via, ...(r.note ? { note: r.note } : {}), ...exportJson(info) };
+        const out = { server: describeEndpoint(target.endpoint), handshake: r.style, via: r.via, tls: target.tls !== false, ...(r.note ? { note: r.note } : {}), ...exportJson(info) };
         process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
         return;
       }
@@ -28,7 +28,7 @@ export function register(program: Command): void {
       ];
       if (info.blockSize) lines.push(`block size:  minimum ${info.blockSize.min}, preferred ${info.blockSize.preferred}, maximum ${info.blockSize.max}`);
       if (info.description) lines.push(`description: ${info.description}`);
-      lines.push(`server:      ${describeEndpoint(target.endpoint)} (${r.style}, ${r.via})`);
+      lines.push(`server:      ${describeEndpoint(target.endpoint)} (${r.style}, ${r.via}${target.tls !== false ? ', TLS' : ''})`);
       process.stdout.write(`${lines.join('\n')}\n`);
     });
 }

@@ -20,6 +20,7 @@ export function register(program: Command): void {
         const out = {
           server: describeEndpoint(target.endpoint),
           handshake: r.style,
+          tls: target.tls !== false,
           ...(r.note ? { note: r.note } : {}),
           exports: exports.map((e) => ({
             name: e.name,

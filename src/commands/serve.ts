@@ -11,6 +11,7 @@ import { DEFAULT_PORT } from '../protocol/constants.ts';
 import type { ConnectionOptions } from '../server/connection.ts';
 import { fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
 import { isReadOnly } from '../server/export.ts';
+import { loadPskFile } from '../tls-files.ts';
 
 interface ServeOptions {
   memory: string[];
@@ -50,29 +51,6 @@ export function loadTlsContext(dir: string): tls.SecureContext {
 }
 
 /**
- * Pre-shared keys for `--tls-psk FILE`, in the format of nbdkit's --tls-psk and GnuTLS's psktool
- * (what libnbd's tls-psk-file and qemu's tls-creds-psk read): one `identity:hexkey` per line.
- */
-export function loadPskFile(file: string): Map<string, Buffer> {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    throw new NbdError('NBD_E_USAGE', `serve --tls-psk: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  const keys = new Map<string, Buffer>();
-  text.split('\n').forEach((raw, i) => {
-    const line = raw.trim();
-    if (line === '') return;
-    const m = /^([^:]+):((?:[0-9a-fA-F]{2})+)$/.exec(line);
-    if (!m) throw new NbdError('NBD_E_USAGE', `serve --tls-psk: ${file} line ${i + 1} is not IDENTITY:HEXKEY (as psktool writes)`);
-    keys.set(m[1]!, Buffer.from(m[2]!, 'hex'));
-  });
-  if (keys.size === 0) throw new NbdError('NBD_E_USAGE', `serve --tls-psk: ${file} holds no keys (lines IDENTITY:HEXKEY)`);
-  return keys;
-}
-
-/**
  * The server's TLS settings from serve's options (a usage error for combinations that make no sense),
  * and how the start-up line describes them; undefined with --tls off.
  */
@@ -88,7 +66,7 @@ function tlsSettingsOf(opts: ServeOptions): { config: NonNullable<ConnectionOpti
   const how = `; TLS ${mode === 'require' ? 'required' : 'offered'}`;
   if (opts.tlsPsk !== undefined) {
     if (opts.tlsVerifyPeer) throw new NbdError('NBD_E_USAGE', 'serve --tls-verify-peer checks certificates: with --tls-psk a client proves itself by its key');
-    const psk = loadPskFile(opts.tlsPsk);
+    const psk = loadPskFile(opts.tlsPsk, 'serve --tls-psk');
     // 'PSK' names the TLS 1.2 PSK suites; TLS 1.3 suites need no change to take a PSK.
     return { config: { mode, context: tls.createSecureContext({ ciphers: 'PSK' }), psk }, note: `${how}, pre-shared keys (${psk.size})` };
   }

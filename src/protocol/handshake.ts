@@ -8,6 +8,11 @@
 // States follow doc/proto.md "Handshake": GREETING → (OLDSTYLE | HS_FLAGS) → option exchanges
 // (OPT_REPLY ⇄ OPT_DATA) or EXPORT_NAME_REPLY (+ EXPORT_NAME_ZEROES) → DONE. Structured replies and
 // extended headers are never negotiated: the socket goes to the kernel, which speaks simple replies only.
+//
+// TLS (goal.tls): NBD_OPT_STARTTLS is the first option (proto.md "NBD_OPT_STARTTLS"); on its ACK the
+// step says `startTls`, the driver runs the TLS handshake on the same socket and calls `tlsDone()`,
+// and option haggling starts over inside TLS. A server that cannot do TLS fails the handshake: there
+// is no fallback to plain text (uri.md: "If encryption cannot be negotiated then the connection MUST fail").
 
 import createDebug from 'debug';
 import { NbdError } from '../errors.ts';
@@ -65,13 +70,17 @@ export interface ExportListing {
   infoError?: string;
 }
 
-export type HandshakeGoal =
+export type HandshakeGoal = (
   /** Enter transmission with this export (then hand the socket to the kernel). */
   | { kind: 'go'; name: string; noOptGo?: boolean }
   /** Learn about one export without entering transmission where the server allows it. */
   | { kind: 'info'; name: string }
   /** List every export, with NBD_OPT_INFO details for each when the server supports it. */
-  | { kind: 'list'; details?: boolean };
+  | { kind: 'list'; details?: boolean }
+) & {
+  /** Negotiate TLS first (NBD_OPT_STARTTLS), and fail if the server cannot. */
+  tls?: boolean;
+};
 
 export interface HandshakeResult {
   goal: HandshakeGoal['kind'];
@@ -93,9 +102,11 @@ export interface HandshakeResult {
 export interface Step {
   /** Bytes to write, in order, before reading again. */
   send: Buffer[];
-  /** Bytes to read next (0 when done). */
+  /** Bytes to read next (0 when done or when starting TLS). */
   want: number;
   done?: HandshakeResult;
+  /** The server accepted NBD_OPT_STARTTLS: run the TLS handshake on the socket, then call tlsDone(). */
+  startTls?: true;
 }
 
 /** Limits on what a server may make us hold. All are generous for real servers. */
@@ -126,6 +137,7 @@ type State =
   | { t: 'OPT_DATA'; opt: number; type: number }
   | { t: 'EXPORT_NAME_REPLY' }
   | { t: 'EXPORT_NAME_ZEROES'; size: bigint; flags: number }
+  | { t: 'TLS' }
   | { t: 'DONE' };
 
 export type StateName = State['t'];
@@ -210,9 +222,18 @@ export class ClientHandshake {
         // proto.md: "124 bytes, zeroes (reserved)". Not checked: the spec reserves them, and being
         // strict here would only break on a server that puts something harmless there.
         return this.finishExportName(s.size, s.flags);
+      case 'TLS':
+        throw new Error('handshake: receive() before tlsDone()');
       case 'DONE':
         throw new Error('handshake: receive() after done');
     }
+  }
+
+  /** The TLS handshake the last step asked for succeeded: start option haggling again, inside TLS. */
+  tlsDone(): Step {
+    if (this.state.t !== 'TLS') throw new Error('handshake: tlsDone() without a STARTTLS step');
+    debug('TLS established; negotiating inside it');
+    return this.firstOption([]);
   }
 
   /**
@@ -222,6 +243,9 @@ export class ClientHandshake {
   eof(): Step {
     const s = this.state;
     if (s.t === 'OPT_REPLY' && s.opt === Opt.ABORT && this.result) return this.finish(this.result);
+    if (s.t === 'OPT_REPLY' && s.opt === Opt.STARTTLS) {
+      throw new NbdError('NBD_E_TLS', 'server closed the connection on NBD_OPT_STARTTLS: it does not offer TLS; connect without TLS, or enable TLS on the server');
+    }
     if (s.t === 'OPT_REPLY' && s.opt === Opt.GO) {
       const err = new NbdError(
         'NBD_E_SERVER_CLOSED',
@@ -246,6 +270,7 @@ export class ClientHandshake {
   // -------------------------------------------------------------------------------------------
 
   private oldstyle(g: { size: bigint; flags: number }): Step {
+    if (this.goal.tls) throw noTls('the oldstyle handshake');
     const name = this.goal.kind === 'list' ? '' : this.goal.name;
     if (name !== '') {
       throw new NbdError(
@@ -278,10 +303,19 @@ export class ClientHandshake {
     const send = [encodeClientFlags(cflags)];
     const g = this.goal;
     if (!fixed) {
+      if (g.tls) throw noTls('non-fixed newstyle');
       // proto.md "Newstyle negotiation": in non-fixed newstyle only NBD_OPT_EXPORT_NAME may be sent.
       if (g.kind === 'list') this.note = 'server speaks non-fixed newstyle, which cannot list exports: showing the default export';
       return this.exportName(g.kind === 'list' ? '' : g.name, send);
     }
+    // proto.md "NBD_OPT_STARTTLS": no data; everything else is negotiated again once TLS is up.
+    if (g.tls) return this.option(Opt.STARTTLS, '', send);
+    return this.firstOption(send);
+  }
+
+  /** The option that starts the goal (after the client flags, or again inside TLS). */
+  private firstOption(send: Buffer[]): Step {
+    const g = this.goal;
     if (g.kind === 'go') {
       return g.noOptGo ? this.exportName(g.name, send) : this.option(Opt.GO, g.name, send);
     }
@@ -318,6 +352,12 @@ export class ClientHandshake {
     if (opt === Opt.ABORT) return this.finish(this.result!);
     if (type & REP_ERROR_BIT) return this.optionError(opt, type >>> 0, data);
     switch (opt) {
+      case Opt.STARTTLS:
+        if (type === Rep.ACK) {
+          this.state = { t: 'TLS' };
+          return { send: [], want: 0, startTls: true };
+        }
+        break;
       case Opt.GO:
       case Opt.INFO:
         if (type === Rep.INFO) {
@@ -425,6 +465,7 @@ export class ClientHandshake {
     const g = this.goal;
     const name = this.pending.name;
     // Fallbacks the spec allows: NBD_OPT_GO / NBD_OPT_INFO unknown to the server → NBD_OPT_EXPORT_NAME.
+    if (opt === Opt.STARTTLS) throw tlsRefusedBy(type, message);
     if (type === RepErr.UNSUP && opt === Opt.GO) {
       debug('server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME');
       return this.exportName(name, []);
@@ -472,6 +513,19 @@ export class ClientHandshake {
   }
 }
 
+/** TLS was asked for but the server's handshake style has no NBD_OPT_STARTTLS. */
+function noTls(style: string): NbdError {
+  return new NbdError('NBD_E_TLS', `server speaks ${style}, which cannot do TLS (no NBD_OPT_STARTTLS): connect without TLS, or use a server that offers it`);
+}
+
+/** An error reply to NBD_OPT_STARTTLS (proto.md: UNSUP when the server has no TLS, POLICY, INVALID). */
+function tlsRefusedBy(type: number, serverText: string): NbdError {
+  const said = serverText ? ` (server says: ${serverText.slice(0, 500)})` : '';
+  if (type === RepErr.UNSUP) return new NbdError('NBD_E_TLS', `server does not offer TLS${said}: connect without TLS, or enable TLS on the server`);
+  if (type === RepErr.POLICY) return new NbdError('NBD_E_TLS', `server refused TLS by policy${said}`);
+  return new NbdError('NBD_E_TLS', `server refused NBD_OPT_STARTTLS with ${repName(type)}${said}`);
+}
+
 function protocol(message: string): NbdError {
   return new NbdError('NBD_E_PROTOCOL', `protocol error: ${message}`);
 }
@@ -502,7 +556,7 @@ export function describeOptionError(type: number, opt: number, name: string, ser
     case RepErr.TLS_REQD:
       return new NbdError(
         'NBD_E_TLS_REQUIRED',
-        `server requires TLS for ${what}${said}; nbd-attach cannot speak TLS yet: use a server or export that allows plain connections`,
+        `server requires TLS for ${what}${said}: connect with TLS (-x/--tls with -A CA-FILE, or an nbds:// URI)`,
       );
     case RepErr.POLICY:
       return new NbdError('NBD_E_OPTION', `server refused ${what} by policy${said}; check the server's access rules for this client`);

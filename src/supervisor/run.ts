@@ -329,7 +329,7 @@ async function attachFrom(
     ops.close();
     throw e;
   }
-  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}`;
+  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
 
   if (r.interface === 'ioctl' || r.done) {
@@ -347,6 +347,7 @@ async function attachFrom(
     pid: process.pid,
     server: source.server,
     ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
+    ...(source.tls !== undefined ? { tls: source.tls } : {}),
     export: exportName,
     noOptGo,
     identifier,
@@ -392,7 +393,7 @@ async function adopt(
   if (saved && saved.pid !== process.pid && pidAlive(saved.pid)) {
     throw new NbdError('NBD_E_DEVICE_SUPERVISED', `${op}: ${dev.path} is already supervised by pid ${saved.pid}: nothing to do`);
   }
-  const target = given?.target ?? (saved?.endpoint ? { endpoint: saved.endpoint, tls: false } : undefined);
+  const target: Target | undefined = given?.target ?? (saved?.endpoint ? { endpoint: saved.endpoint, tls: saved.tls ?? false } : undefined);
   const exportName = given?.exportName ?? saved?.export;
   if (!target || exportName === undefined) {
     throw new NbdError('NBD_E_USAGE', `${op}: no record of ${dev.path}'s server (no state file): give it: nbd-attach --reattach ${dev.path} HOST[:PORT] [-N EXPORT]`);
@@ -420,6 +421,7 @@ async function adopt(
     pid: process.pid,
     server: describeEndpoint(target.endpoint),
     endpoint: target.endpoint,
+    ...(target.tls !== false ? { tls: target.tls } : {}),
     export: exportName,
     noOptGo,
     identifier: st.backend,

@@ -7,7 +7,7 @@
 import net from 'node:net';
 import path from 'node:path';
 import createDebug from 'debug';
-import { type Endpoint, type Target, describeEndpoint } from '../address.ts';
+import { type Endpoint, type Target, type TlsSettings, describeEndpoint } from '../address.ts';
 import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
 import * as libc from '../../native-bindings/libc.ts';
@@ -22,6 +22,8 @@ export interface ConnectionSource {
   readonly server: string;
   /** How a later supervisor reaches the server again; undefined for local attach (nothing to reach). */
   readonly endpoint: Endpoint | undefined;
+  /** TLS settings when connections negotiate TLS (a relay then feeds the kernel: src/client/tls.ts). */
+  readonly tls: TlsSettings | undefined;
   readonly exportName: string;
   /** Negotiate one connection, ready to be handed to the kernel (keepalive and TCP_USER_TIMEOUT set). */
   connect(timeoutMs: number): Promise<Connection>;
@@ -33,13 +35,15 @@ export function remoteSource(target: Target, exportName: string, noOptGo: boolea
   return {
     server: describeEndpoint(target.endpoint),
     endpoint: target.endpoint,
+    tls: target.tls === false ? undefined : target.tls,
     exportName,
     async connect(timeoutMs) {
       const c = await negotiate(target, { exportName, noOptGo, timeoutMs });
       try {
-        tuneSocket(c.socket);
+        tuneSocket(c.transport ?? c.socket); // with TLS, the TCP socket under the relay
       } catch (e) {
         c.socket.destroy();
+        c.transport?.destroy();
         throw new NbdError('NBD_E_KERNEL', `attach: cannot set keepalive/TCP_USER_TIMEOUT on the connection: ${(e as Error).message}`, { cause: e });
       }
       return c;
@@ -87,6 +91,7 @@ export async function localSource(opts: LocalSourceOptions): Promise<ConnectionS
   return {
     server,
     endpoint: undefined,
+    tls: undefined,
     exportName: '',
     async connect(timeoutMs) {
       if (closed) throw new NbdError('NBD_E_FAILURE', `${server}: the local server is closed`);

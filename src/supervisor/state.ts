@@ -4,7 +4,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import type { Endpoint } from '../address.ts';
+import type { Endpoint, TlsSettings } from '../address.ts';
 
 export function runDir(): string {
   return process.env['NBD_ATTACH_RUN_DIR'] ?? '/run/nbd-attach';
@@ -26,6 +26,8 @@ export interface SupervisorState {
   server: string;
   /** What a new supervisor needs to reconnect (absent for local attach). */
   endpoint?: Endpoint;
+  /** TLS settings (file paths, no keys) when the device's connections use TLS. */
+  tls?: TlsSettings;
   /** Local attach (`--file`/`--memory`): the server lived in the supervisor; nothing to adopt. */
   local?: true;
   export: string;

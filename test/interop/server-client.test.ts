@@ -7,6 +7,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type net from 'node:net';
 import { after, before, describe, it } from 'node:test';
+import type { Target } from '../../src/address.ts';
 import { negotiate } from '../../src/client/negotiate.ts';
 import { Cmd, SIMPLE_REPLY_LENGTH, TransmissionFlag } from '../../src/protocol/constants.ts';
 import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
@@ -50,7 +51,7 @@ describe('nbd-attach client against nbd-attach serve', { timeout: 60_000 }, () =
   after(async () => {
     await srv.close();
   });
-  const target = (): { endpoint: { kind: 'tcp'; host: string; port: number }; tls: boolean } => ({
+  const target = (): Target => ({
     endpoint: { kind: 'tcp', host: '127.0.0.1', port: srv.port! },
     tls: false,
   });
