@@ -93,7 +93,7 @@ export function describeTlsFailure(err: NodeJS.ErrnoException, host: string): st
       return "the server's certificate is not valid yet (check the clocks)";
     case 'ECONNRESET':
     case 'EPIPE':
-      return 'the server closed the connection (it may require a client certificate: -F/--certfile and -K/--keyfile, or a different key)';
+      return 'the server closed the connection during the TLS handshake: it may want a client certificate (-F/--certfile, -K/--keyfile), another pre-shared key, or no TLS';
   }
   return err.message;
 }

@@ -159,6 +159,7 @@ export class ClientHandshake {
   private infoIndex = -1;
   private note: string | undefined;
   private result: HandshakeResult | undefined;
+  private tlsUp = false;
 
   constructor(
     readonly goal: HandshakeGoal,
@@ -233,6 +234,7 @@ export class ClientHandshake {
   tlsDone(): Step {
     if (this.state.t !== 'TLS') throw new Error('handshake: tlsDone() without a STARTTLS step');
     debug('TLS established; negotiating inside it');
+    this.tlsUp = true;
     return this.firstOption([]);
   }
 
@@ -245,6 +247,14 @@ export class ClientHandshake {
     if (s.t === 'OPT_REPLY' && s.opt === Opt.ABORT && this.result) return this.finish(this.result);
     if (s.t === 'OPT_REPLY' && s.opt === Opt.STARTTLS) {
       throw new NbdError('NBD_E_TLS', 'server closed the connection on NBD_OPT_STARTTLS: it does not offer TLS; connect without TLS, or enable TLS on the server');
+    }
+    if (this.tlsUp) {
+      // With TLS 1.3 a server that rejects our client certificate says so only by closing after the
+      // TLS handshake; this is not an old server refusing NBD_OPT_GO (no retry without it).
+      throw new NbdError(
+        'NBD_E_SERVER_CLOSED',
+        `server closed the connection right after TLS (${s.t}): it may not accept our client certificate (give one with -F/--certfile and -K/--keyfile, or tls-certificates=DIR)`,
+      );
     }
     if (s.t === 'OPT_REPLY' && s.opt === Opt.GO) {
       const err = new NbdError(

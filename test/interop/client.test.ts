@@ -253,9 +253,9 @@ test('connection refused, nbds://, bad address: one line, right exit code', asyn
   let r = await runCli(['list', `127.0.0.1:${port}`]);
   assert.equal(r.code, 3);
   assert.match(r.stderr, /^nbd-attach: cannot connect to 127\.0\.0\.1:\d+: connection refused/);
-  r = await runCli(['info', 'nbds://127.0.0.1/x']);
+  r = await runCli(['info', 'nbds://127.0.0.1/x?tls-type=anon']);
   assert.equal(r.code, 2);
-  assert.match(r.stderr, /TLS not supported yet/);
+  assert.match(r.stderr, /tls-type=anon \(no authentication\) is not supported: use x509 or psk/);
   r = await runCli(['info', 'host:99999']);
   assert.equal(r.code, 2);
   assert.match(r.stderr, /port '99999'/);

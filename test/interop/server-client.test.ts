@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type net from 'node:net';
+import { readExact } from '../lib/servers.ts';
 import { after, before, describe, it } from 'node:test';
 import type { Target } from '../../src/address.ts';
 import { negotiate } from '../../src/client/negotiate.ts';
@@ -17,29 +17,6 @@ const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const BIN = path.join(REPO, 'bin/nbd-attach.js');
 
 /** Read exactly n bytes from a paused socket (bounded by the test timeout). */
-function readExact(socket: net.Socket, n: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const parts: Buffer[] = [];
-    let have = 0;
-    const onData = (d: Buffer): void => {
-      parts.push(d);
-      have += d.length;
-      if (have >= n) {
-        socket.off('data', onData);
-        socket.off('close', onClose);
-        socket.pause();
-        const all = Buffer.concat(parts);
-        if (all.length > n) socket.unshift(all.subarray(n));
-        resolve(all.subarray(0, n));
-      }
-    };
-    const onClose = (): void => reject(new Error(`closed after ${have}/${n} bytes`));
-    socket.on('data', onData);
-    socket.once('close', onClose);
-    socket.resume();
-  });
-}
-
 describe('nbd-attach client against nbd-attach serve', { timeout: 60_000 }, () => {
   let srv: RunningServer;
   before(async () => {

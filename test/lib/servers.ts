@@ -235,3 +235,27 @@ export function makePki(where: string): string {
   ssl(['x509', '-req', '-in', 'client.csr', '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-days', '2', '-extfile', 'client-ext.cnf', '-out', 'client-cert.pem']);
   return pki;
 }
+
+/** Read exactly n bytes from a socket (flowing), leaving any surplus unshifted; rejects if it closes first. */
+export function readExact(socket: net.Socket, n: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    let have = 0;
+    const onData = (d: Buffer): void => {
+      parts.push(d);
+      have += d.length;
+      if (have >= n) {
+        socket.off('data', onData);
+        socket.off('close', onClose);
+        socket.pause();
+        const all = Buffer.concat(parts);
+        if (all.length > n) socket.unshift(all.subarray(n));
+        resolve(all.subarray(0, n));
+      }
+    };
+    const onClose = (): void => reject(new Error(`closed after ${have}/${n} bytes`));
+    socket.on('data', onData);
+    socket.once('close', onClose);
+    socket.resume();
+  });
+}

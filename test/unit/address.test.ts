@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { parseAddress, parseUri, describeEndpoint } from '../../src/address.ts';
 import { normalizeArgv } from '../../src/cli.ts';
 import { NbdError } from '../../src/errors.ts';
+import { resolveTarget, tlsFromOptions } from '../../src/commands/common.ts';
 
 test('HOST, HOST:PORT, HOST PORT, [v6]:PORT, bare v6', () => {
   assert.deepEqual(parseAddress('srv'), { endpoint: { kind: 'tcp', host: 'srv', port: 10809 }, tls: false });
@@ -36,9 +37,19 @@ test('uri.md export-name examples', () => {
 });
 
 test('nbds is parsed (TLS required); bad URIs are diagnosed', () => {
-  assert.equal(parseUri('nbds://h/x').tls, true);
-  assert.equal(parseUri('nbds+unix:///x?socket=/s&tls-type=x509').tls, true);
-  for (const bad of ['nbd+unix:///x', 'http://h/x', 'nbd://h/x?color=red', 'nbd://h/x?tls-type=anon', 'nbd+unix://host/x?socket=/s', 'nbd://h/%zz']) {
+  assert.deepEqual(parseUri('nbds://h/x').tls, {});
+  assert.deepEqual(parseUri('nbds+unix:///x?socket=/s&tls-type=x509').tls, {});
+  assert.deepEqual(parseUri('nbds://alice@h/x?tls-hostname=disk.example&tls-verify-peer=0&tls-certificates=/etc/pki/nbd').tls, {
+    username: 'alice',
+    hostname: 'disk.example',
+    verifyPeer: false,
+    certificatesDir: '/etc/pki/nbd',
+  });
+  assert.deepEqual(parseUri('nbds://h/?tls-type=psk&tls-psk-file=/k.psk&tls-username=bob&tls-verify-peer=1').tls, { pskFile: '/k.psk', username: 'bob', verifyPeer: true });
+  for (const bad of [
+    'nbd+unix:///x', 'http://h/x', 'nbd://h/x?color=red', 'nbd://h/x?tls-type=anon', 'nbd+unix://host/x?socket=/s', 'nbd://h/%zz',
+    'nbds://h/x?tls-type=anon', 'nbds://h/x?tls-type=kerberos', 'nbds://h/x?tls-verify-peer=maybe', 'nbds://h/x?tls-colour=red',
+  ]) {
     assert.throws(() => parseUri(bad), NbdError, bad);
   }
 });
@@ -53,4 +64,24 @@ test('nbd-client argv forms map onto commands', () => {
   assert.deepEqual(normalizeArgv(['list', '-l'], names), ['list', '-l']);
   assert.deepEqual(normalizeArgv(['--help'], names), ['--help']);
   assert.deepEqual(normalizeArgv(['-timeout=30', 'h'], names), ['attach', '--timeout=30', 'h']);
+});
+
+test('TLS options: any of them turns TLS on; they override the URI; none leaves a plain target plain', () => {
+  const base = { connectTimeout: 1000 };
+  assert.equal(tlsFromOptions(false, base), false);
+  assert.deepEqual(tlsFromOptions(false, { ...base, tls: true }), {});
+  assert.deepEqual(tlsFromOptions(false, { ...base, cacertfile: '/ca.pem' }), { caFile: '/ca.pem' });
+  assert.deepEqual(tlsFromOptions(false, { ...base, tlsVerify: false }), { verifyPeer: false });
+  assert.deepEqual(tlsFromOptions(false, { ...base, tlsVerify: true }), false, '--tls-verify is the default, not a request for TLS');
+  assert.deepEqual(tlsFromOptions({ hostname: 'a', certificatesDir: '/d' }, { ...base, tlshostname: 'b', certfile: '/c.pem', keyfile: '/k.pem' }), {
+    hostname: 'b',
+    certificatesDir: '/d',
+    certFile: '/c.pem',
+    keyFile: '/k.pem',
+  });
+  assert.deepEqual(tlsFromOptions(false, { ...base, tlsPsk: '/k.psk', tlsUsername: 'u' }), { pskFile: '/k.psk', username: 'u' });
+  const { target } = resolveTarget('nbds://h/x?tls-hostname=a', undefined, { ...base, tlshostname: 'b' });
+  assert.deepEqual(target.tls, { hostname: 'b' });
+  assert.equal(resolveTarget('h:1', undefined, base).target.tls, false);
+  assert.deepEqual(resolveTarget(undefined, undefined, { ...base, unix: '/s', tls: true }).target.tls, {});
 });

@@ -20,6 +20,7 @@ import { HandshakeFlag, Info, Opt, Rep, RepErr, TransmissionFlag } from '../../s
 import { NbdError } from '../../src/errors.ts';
 
 const FIXED = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES;
+const TLS_MARK = '<TLS>';
 const F = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
 
 /** Feed `server` bytes to the machine exactly as the driver does; returns result and what the client sent. */
@@ -32,6 +33,13 @@ function play(goal: HandshakeGoal, server: Buffer, { eofAtEnd = true } = {}): { 
     for (;;) {
       sent.push(...step.send);
       if (step.done) return { result: step.done, sent: Buffer.concat(sent) };
+      if (step.startTls) {
+        // The driver runs the TLS handshake here; the marker shows where in the byte stream it happened.
+        assert.equal(step.want, 0);
+        sent.push(Buffer.from(TLS_MARK));
+        step = m.tlsDone();
+        continue;
+      }
       if (pos + step.want > server.length) {
         if (!eofAtEnd) throw new Error(`machine wants ${step.want} more bytes at ${pos}`);
         step = m.eof();
@@ -262,4 +270,64 @@ test('closed before greeting and mid-handshake: clear errors', () => {
 
 test('a name longer than 4096 bytes is refused before connecting', () => {
   assert.throws(() => new ClientHandshake({ kind: 'go', name: 'x'.repeat(4097) }), /longer than 4096/);
+});
+
+test('TLS: STARTTLS is the first option; after its ACK the driver starts TLS and GO follows inside', () => {
+  const server = Buffer.concat([encodeNewstyleGreeting(FIXED), ack(Opt.STARTTLS), infoReply(Opt.GO, encodeInfoExport(4096n, F)), ack(Opt.GO)]);
+  const { result, sent, error } = play({ kind: 'go', name: 'disk', tls: true }, server);
+  assert.equal(error, undefined);
+  assert.equal(result!.info!.size, 4096n);
+  const expected = Buffer.concat([
+    encodeClientFlags(3),
+    encodeOption(Opt.STARTTLS), // proto.md: no data with NBD_OPT_STARTTLS
+    Buffer.from(TLS_MARK),
+    encodeOption(Opt.GO, encodeInfoRequest('disk', [Info.BLOCK_SIZE])),
+  ]);
+  assert.equal(sent.toString('hex'), expected.toString('hex'));
+  assert.equal(encodeOption(Opt.STARTTLS).toString('hex'), '49484156454f5054' + '00000005' + '00000000');
+});
+
+test('TLS: list and info negotiate inside TLS too; without tls no STARTTLS is sent', () => {
+  const server = Buffer.concat([encodeNewstyleGreeting(FIXED), ack(Opt.STARTTLS), ack(Opt.LIST), ack(Opt.ABORT)]);
+  const { result, sent } = play({ kind: 'list', tls: true }, server);
+  assert.deepEqual(result!.exports, []);
+  assert.ok(sent.indexOf(encodeOption(Opt.STARTTLS)) < sent.indexOf(TLS_MARK));
+  assert.ok(sent.indexOf(TLS_MARK) < sent.indexOf(encodeOption(Opt.LIST)));
+  const plain = play({ kind: 'go', name: 'd' }, Buffer.concat([encodeNewstyleGreeting(FIXED), infoReply(Opt.GO, encodeInfoExport(1n, F)), ack(Opt.GO)]));
+  assert.equal(plain.sent.indexOf(encodeOption(Opt.STARTTLS)), -1);
+  assert.equal(plain.sent.indexOf(TLS_MARK), -1);
+});
+
+test('TLS: a server that cannot or will not do it fails the handshake (no fallback to plain text)', () => {
+  const cases: [Buffer, RegExp][] = [
+    [Buffer.concat([encodeNewstyleGreeting(FIXED), err(Opt.STARTTLS, RepErr.UNSUP)]), /server does not offer TLS/],
+    [Buffer.concat([encodeNewstyleGreeting(FIXED), err(Opt.STARTTLS, RepErr.POLICY, 'not you')]), /refused TLS by policy \(server says: not you\)/],
+    [Buffer.concat([encodeNewstyleGreeting(FIXED), err(Opt.STARTTLS, RepErr.INVALID)]), /refused NBD_OPT_STARTTLS with NBD_REP_ERR_INVALID/],
+    [encodeNewstyleGreeting(FIXED), /closed the connection on NBD_OPT_STARTTLS/],
+    [encodeNewstyleGreeting(HandshakeFlag.NO_ZEROES), /non-fixed newstyle, which cannot do TLS/],
+    [encodeOldstyleGreeting(1n << 20n, F), /oldstyle handshake, which cannot do TLS/],
+  ];
+  for (const [server, message] of cases) {
+    const { error, sent } = play({ kind: 'go', name: '', tls: true }, server);
+    assert.ok(error instanceof NbdError, String(message));
+    assert.equal(error.code, 'NBD_E_TLS');
+    assert.match(error.message, message);
+    assert.equal(sent.indexOf(TLS_MARK), -1);
+    assert.equal(sent.indexOf(encodeOption(Opt.GO, encodeInfoRequest('', [Info.BLOCK_SIZE]))), -1, 'nothing else is asked in plain text');
+  }
+});
+
+test('TLS: a TLS_REQD answer to a plain client says how to connect with TLS', () => {
+  const { error } = play({ kind: 'go', name: 'd' }, Buffer.concat([encodeNewstyleGreeting(FIXED), err(Opt.GO, RepErr.TLS_REQD)]));
+  assert.ok(error instanceof NbdError);
+  assert.equal(error.code, 'NBD_E_TLS_REQUIRED');
+  assert.match(error.message, /-x\/--tls.*nbds:\/\//);
+});
+
+test('TLS: a server closing right after TLS is not taken for an old server refusing GO', () => {
+  const { error } = play({ kind: 'go', name: 'd', tls: true }, Buffer.concat([encodeNewstyleGreeting(FIXED), ack(Opt.STARTTLS)]));
+  assert.ok(error instanceof NbdError);
+  assert.equal(error.code, 'NBD_E_SERVER_CLOSED');
+  assert.match(error.message, /right after TLS.*client certificate.*-F\/--certfile/);
+  assert.equal((error as { goRejectedByClose?: boolean }).goRejectedByClose, undefined, 'no retry with NBD_OPT_EXPORT_NAME');
 });
