@@ -46,7 +46,7 @@ export interface ReconnectorConfig {
 }
 
 /** Error codes meaning "the server is up but it is not serving our disk any more". */
-const FATAL_AFTER_DEADLINE = new Set(['NBD_E_EXPORT_UNKNOWN', 'NBD_E_EXPORT_CHANGED', 'NBD_E_TLS_REQUIRED', 'NBD_E_OPTION']);
+const FATAL_AFTER_DEADLINE = new Set(['NBD_E_EXPORT_UNKNOWN', 'NBD_E_EXPORT_CHANGED', 'NBD_E_TLS_REQUIRED', 'NBD_E_TLS', 'NBD_E_OPTION']);
 
 export class Reconnector<C extends Candidate = Candidate> {
   /** Dead connections not replaced yet. */

@@ -440,13 +440,22 @@ async function adopt(
     updatedAt: new Date().toISOString(),
   };
   const name = exportName === '' ? '(default)' : `'${exportName}'`;
-  return supervise(base, ops, { source: remoteSource(target, exportName, noOptGo), reconnectTimeout: how.reconnectTimeout }, rep, mode, `${dev.path} adopted: server ${base.server}, export ${name}, connections ${connections}`);
+  // TLS: the kernel's sockets were relayed by the previous supervisor and died with it: replace them all.
+  const replaceAll = target.tls !== false;
+  return supervise(
+    base,
+    ops,
+    { source: remoteSource(target, exportName, noOptGo), reconnectTimeout: how.reconnectTimeout, replaceAll },
+    rep,
+    mode,
+    `${dev.path} adopted: server ${base.server}, export ${name}${replaceAll ? ' over TLS' : ''}, connections ${connections}`,
+  );
 }
 
 async function supervise(
   base: SupervisorState,
   ops: KernelOps,
-  how: { source: ConnectionSource; reconnectTimeout: number },
+  how: { source: ConnectionSource; reconnectTimeout: number; replaceAll?: boolean },
   rep: Reporter,
   mode: 'foreground' | 'background',
   summary: string,
@@ -523,6 +532,10 @@ async function supervise(
     },
   );
   await sup.start();
+  if (how.replaceAll) {
+    log(`TLS: the previous supervisor relayed this device's connections, so they ended with it: replacing all ${base.connections}`);
+    for (let i = 0; i < base.connections; i++) sup.onLinkDead(base.index);
+  }
   const onSignal = (sig: NodeJS.Signals): void => void sup.terminate(sig);
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);

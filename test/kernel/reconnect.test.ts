@@ -5,7 +5,9 @@
 //  3. supervisor SIGKILLed: I/O continues, `--reattach` adopts the device, a later restart is survived,
 //     and `nbd-attach -d` from another shell ends the adopted supervisor;
 //  4. -C 4: one of the four TCP connections killed with `ss -K`: the others carry on, it is replaced;
-//  5. network partition (netns + veth, link down for seconds) during I/O.
+//  5. network partition (netns + veth, link down for seconds) during I/O;
+//  6. TLS (nbds:// to nbdkit --tls=require): data reaches the server through the relay, a killed TCP
+//     connection is replaced, a killed supervisor (whose relay dies with it) is adopted with TLS.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -23,11 +25,14 @@ import {
   requireGuest,
   run,
   type RunResult,
+  sha256,
   startNbdkit,
   type ServerHandle,
+  tmpDir,
   tmpFile,
   waitFor,
 } from './lib.ts';
+import { makePki } from '../lib/servers.ts';
 import { socketTuning, tuneSocket } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 
@@ -340,4 +345,69 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
     await run('ip', ['link', 'del', 'vnbd0']);
     await run('ip', ['netns', 'del', ns]);
   }
+});
+
+test('TLS: nbds:// through the relay: data reaches the server, a killed TCP connection is replaced, a killed supervisor is adopted', { timeout: 1_200_000 }, async () => {
+  await loadModule('inet_diag');
+  await loadModule('tcp_diag');
+  const pki = makePki(await tmpDir('pki-'));
+  const disk = await tmpFile(DISK);
+  // --tls=require: nbdkit refuses every option before STARTTLS, so a working attach is a TLS one.
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', disk]);
+  const uri = `nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}`;
+  const plain = await cli([`127.0.0.1:${server.port}`, '/dev/nbd6']);
+  assert.equal(plain.code, 4, `a plain attach is refused: ${plain.stdout}${plain.stderr}`);
+  assert.match(plain.stderr, /requires TLS.*-x\/--tls/);
+  assert.ok(!existsSync('/sys/block/nbd6/pid'), 'nothing left attached by the refused attach');
+
+  const a = await cli([uri, '/dev/nbd6']);
+  assert.equal(a.code, 0, a.stderr);
+  assert.match(a.stdout, /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS.*supervisor pid (\d+), log (\S+)\n$/);
+  const pid1 = Number(/supervisor pid (\d+)/.exec(a.stdout)![1]);
+  const logFile = /log (\S+)\n$/.exec(a.stdout)![1]!;
+
+  // 1. Bytes written to the device arrive in nbdkit's file (so the relay carries them both ways).
+  const pattern = await tmpFile(4 << 20, { random: true, name: 'pattern' });
+  const dd = await run('dd', [`if=${pattern}`, 'of=/dev/nbd6', 'bs=1M', 'oflag=direct', 'status=none'], { timeoutMs: 120_000 });
+  assert.equal(dd.code, 0, dd.stderr);
+  assert.equal(await sha256(disk, 4 << 20), await sha256(pattern), "the server's file holds what was written through TLS");
+  const back = await run('sh', ['-c', `dd if=/dev/nbd6 bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
+  assert.equal(back.stdout.split(' ')[0], await sha256(pattern), 'and reads back the same');
+
+  // 2. The TCP connection under TLS killed during fio: the relay closes the kernel's socket, the kernel
+  //    reports the link dead, the supervisor negotiates TLS again; zero I/O errors.
+  const established = async (): Promise<string[]> =>
+    (await run('ss', ['-Htn', 'state', 'established', 'dst', `127.0.0.1:${server.port}`])).stdout.split('\n').filter((l) => l.trim() !== '');
+  assert.equal((await established()).length, 1);
+  const fio = startFio('/dev/nbd6', 30);
+  const w0 = writesCompleted(6);
+  await waitFor(() => writesCompleted(6) > w0 + 100, 120_000, { what: 'fio writing' });
+  const k = await run('ss', ['-K', 'state', 'established', 'dst', `127.0.0.1:${server.port}`]);
+  assert.equal(k.code, 0, k.stderr);
+  await waitFor(() => /reconnected after/.test(readFileSync(logFile, 'utf8')), 120_000, { what: 'TLS reconnect' }).catch((e: Error) => {
+    throw new Error(`${e.message}\nsupervisor log:\n${readFileSync(logFile, 'utf8')}\nnbdkit:\n${server.log()}`);
+  });
+  assertFioClean(await fio, 'TLS connection killed with ss -K');
+  console.log(`# TLS supervisor: ${/reconnected after [^\n]*/.exec(readFileSync(logFile, 'utf8'))![0]}`);
+  if (process.env.NBD_TEST_SHOW_LOG) console.log(readFileSync(logFile, 'utf8').replace(/^/gm, '# '));
+
+  // 3. Supervisor SIGKILLed: with TLS it was on the data path, so I/O waits (dead timeout) until
+  //    --reattach adopts the device, reads the TLS settings from the state file and replaces the connection.
+  process.kill(pid1, 'SIGKILL');
+  await waitFor(() => !pidAlive(pid1), 10_000, { what: 'supervisor gone' });
+  const r = await cli(['--reattach', '/dev/nbd6']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /^\/dev\/nbd6 adopted: server 127\.0\.0\.1:\d+, export \(default\) over TLS/);
+  const pid2 = Number(/supervisor pid (\d+)/.exec(r.stdout)![1]);
+  const ms = await probeRead('/dev/nbd6');
+  console.log(`# TLS device adopted: first read after --reattach took ${ms} ms`);
+  const log2 = readFileSync(/log (\S+)/.exec(r.stdout)![1]!, 'utf8');
+  assert.match(log2, /TLS: the previous supervisor relayed .*replacing all 1/);
+  assert.match(log2, /reconnected after/);
+  const check = await run('sh', ['-c', `dd if=/dev/nbd6 bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
+  assert.equal(check.code, 0, check.stderr);
+  const d = await cli(['-d', '/dev/nbd6']);
+  assert.equal(d.code, 0, d.stderr);
+  await waitFor(() => !pidAlive(pid2), 30_000, { what: 'supervisor exit after -d' });
+  await server.stop();
 });
