@@ -19,6 +19,8 @@ export interface DeviceStatusEntry {
   export?: string;
   /** Local attach (--file/--memory): `server` is "local file PATH" or "local memory SIZE". */
   local?: boolean;
+  /** The connections use TLS (relayed by the supervisor). */
+  tls?: boolean;
   connections?: { live: number; total: number };
   /** Supervisor process id while it runs; null when its state says it stopped or it died. */
   supervisorPid?: number | null;
@@ -41,6 +43,7 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
     e.server = s.server;
     e.export = s.export;
     if (s.local) e.local = true;
+    if (s.tls !== undefined) e.tls = true;
     e.connections = { live: e.attached ? s.liveConnections : 0, total: s.connections };
     e.supervisorPid = s.pid > 0 && alive(s.pid) ? s.pid : null;
     e.reconnects = s.reconnects;
@@ -57,10 +60,12 @@ export function formatStatus(e: DeviceStatusEntry): string {
   if (!e.attached) return `${e.device}: not attached${e.lastError ? ` (last error: ${e.lastError})` : ''}`;
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
   if (e.local && e.server !== undefined) parts.push(`served from ${e.server} by its supervisor`);
-  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}`);
+  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}${e.tls ? ' over TLS' : ''}`);
   if (e.connections) parts.push(`connections ${e.connections.live}/${e.connections.total}`);
   if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
-  else parts.push(e.local ? 'no supervisor (its server is gone: detach it)' : 'no supervisor (adopt it with nbd-attach --reattach)');
+  else if (e.local) parts.push('no supervisor (its server is gone: detach it)');
+  else if (e.tls) parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
+  else parts.push('no supervisor (adopt it with nbd-attach --reattach)');
   if (e.reconnects !== undefined) parts.push(`reconnects ${e.reconnects}`);
   parts.push(`last error: ${e.lastError ?? 'none'}`);
   return parts.join(', ');

@@ -74,3 +74,15 @@ test('state files: atomic write, read back, removed only by their owner', () => 
   assert.equal(readState(5), undefined);
   assert.deepEqual(fs.readdirSync(path.dirname(stateFile(5))).filter((f) => f.endsWith('.tmp')), []);
 });
+
+test('a TLS device: shown as such; without its supervisor, says that I/O waits for --reattach; settings read back', () => {
+  writeState(state({ tls: { certificatesDir: '/etc/pki/nbd', hostname: 'disk.example' } }));
+  assert.deepEqual(readState(0)?.tls, { certificatesDir: '/etc/pki/nbd', hostname: 'disk.example' }, 'the state file keeps the TLS settings for --reattach');
+  const live = statusOf(0, '/dev/nbd0', roots, (pid) => pid === 1234);
+  assert.equal(live.tls, true);
+  assert.match(formatStatus(live), /export 'disk' over TLS, connections 3\/4, supervisor pid 1234/);
+  const dead = statusOf(0, '/dev/nbd0', roots, () => false);
+  assert.match(formatStatus(dead), /no supervisor \(it relayed the TLS connections: I\/O waits until nbd-attach --reattach\)/);
+  writeState(state({}));
+  assert.equal(statusOf(0, '/dev/nbd0', roots, () => true).tls, undefined);
+});
