@@ -1,6 +1,7 @@
 // `nbd-attach [attach] HOST[:PORT] [PORT] [DEV]`: negotiate an export and hand it to the kernel.
 // The default command: src/cli.ts routes `nbd-attach HOST …` here.
 
+import { readFileSync } from 'node:fs';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { looksLikePort } from '../address.ts';
 import { NbdError } from '../errors.ts';
@@ -10,7 +11,8 @@ import { type ServerOptions, addServerOptions, formatSize } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
 import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from '../supervisor/policy.ts';
 import { takeDetachRequested } from '../supervisor/state.ts';
-import { type SupervisedAttachOptions, openSource, runSupervisedAttach } from '../supervisor/run.ts';
+import { type SupervisedAttachOptions, openSource, residentProcessSetup, runSupervisedAttach } from '../supervisor/run.ts';
+import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
 import type { ConnectionSource } from '../supervisor/source.ts';
 
 export interface AttachCliOptions extends ServerOptions {
@@ -22,6 +24,58 @@ export interface AttachCliOptions extends ServerOptions {
   identifier?: string;
   readOnly?: boolean;
   ioctl?: boolean;
+  nbdtab?: string;
+  persist?: boolean;
+  swap?: boolean;
+  systemdMark?: boolean;
+  deadTimeout?: number;
+  connections?: number;
+  reattach?: string;
+}
+
+/**
+ * `nbd-attach nbd0`: the device alone, no server: look it up in /etc/nbdtab (or --nbdtab FILE) as
+ * nbd-client does, and return the positionals and options it stands for. Options given on the
+ * command line win over the file's. Anything else is returned unchanged.
+ */
+export function applyNbdtab(
+  positionals: readonly (string | undefined)[],
+  opts: AttachCliOptions,
+  warn: (message: string) => void,
+  read: (file: string) => string = (f) => readFileSync(f, 'utf8'),
+): { positionals: (string | undefined)[]; opts: AttachCliOptions } {
+  const given = positionals.filter((x): x is string => x !== undefined);
+  const sole = given.length === 1 && parseDeviceName(given[0]!) !== undefined;
+  const other = opts.file !== undefined || opts.memory !== undefined || opts.unix !== undefined || opts.reattach !== undefined;
+  if (!sole || other) {
+    if (opts.nbdtab !== undefined) throw new NbdError('NBD_E_USAGE', '--nbdtab is read when the device is the only argument (nbd-attach --nbdtab FILE nbd0)');
+    return { positionals: [...positionals], opts };
+  }
+  const device = given[0]!;
+  const file = opts.nbdtab ?? DEFAULT_NBDTAB;
+  let text: string;
+  try {
+    text = read(file);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    throw new NbdError('NBD_E_USAGE', `no server given for ${device}, and ${file} cannot be read (${code}): nbd-attach HOST[:PORT] ${device}, or add ${device} to ${file}`);
+  }
+  const entry = findNbdtabEntry(parseNbdtab(text, file), device);
+  if (!entry) throw new NbdError('NBD_E_USAGE', `no server given for ${device}, and ${file} has no entry for it: nbd-attach HOST[:PORT] ${device}`);
+  const t = nbdtabSettings(entry, file, warn);
+  const o: AttachCliOptions = { ...opts };
+  o.name ??= t.name;
+  if (t.unix !== undefined) o.unix = t.unix;
+  if (t.blockSize !== undefined) o.blockSize ??= t.blockSize;
+  if (t.timeout !== undefined) o.timeout ??= t.timeout;
+  if (t.deadTimeout !== undefined) o.deadTimeout ??= t.deadTimeout;
+  if (t.connections !== undefined) o.connections ??= t.connections;
+  if (t.optgo === false) o.optgo = false;
+  if (t.swap) o.swap = true;
+  if (t.tls) o.tls = true;
+  for (const k of ['cacertfile', 'certfile', 'keyfile', 'tlshostname'] as const) if (t[k] !== undefined) o[k] ??= t[k];
+  const dev = entry.device.startsWith('/') ? entry.device : `/dev/${entry.device}`;
+  return { positionals: t.unix !== undefined ? [dev] : [t.host, t.port, dev], opts: o };
 }
 
 function positiveInt(what: string, max: number) {
@@ -75,11 +129,18 @@ export function register(program: Command): void {
       .argument('[device]', '/dev/nbdN, nbdN or any block node of major 43 (default: a free device)')
       .option('-g, --no-optgo', 'negotiate with NBD_OPT_EXPORT_NAME only (very old servers)')
       .option('--file <image>', 'local attach: serve IMAGE from this process on a socketpair (no server needed)')
-      .option('--memory <size>', 'local attach: serve a sparse in-memory disk of SIZE (e.g. 1G) from this process'),
-  )).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, opts: AttachCliOptions) => {
+      .option('--memory <size>', 'local attach: serve a sparse in-memory disk of SIZE (e.g. 1G) from this process')
+      .option('--nbdtab <file>', 'with the device as the only argument, look it up here (default /etc/nbdtab, as nbd-client)')
+      .option('-s, --swap', 'the device holds swap: keep the supervisor from the OOM killer (oom_score_adj -1000)')
+      .option('-m, --systemd-mark', "start the supervisor's argv[0] with '@' so systemd leaves it running at shutdown (root or swap on NBD)")
+      .option('-p, --persist', "accepted for nbd-client's sake: the supervisor always reconnects"),
+  )).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, given: AttachCliOptions) => {
+    const warn = (m: string): void => void process.stderr.write(`nbd-attach: warning: ${m}\n`);
+    // The background supervisor re-reads the same file; warnings are printed once, by the launcher.
+    const { positionals, opts } = applyNbdtab([a1, a2, a3], given, (given as SupervisedAttachOptions).supervisorChild ? () => undefined : warn);
     // netlink: stay resident and reconnect (src/supervisor/); -L keeps the foreground ioctl path below.
-    if (opts.ioctl !== true) return runSupervisedAttach([a1, a2, a3], opts as AttachCliOptions & SupervisedAttachOptions);
-    const { source, device } = await openSource([a1, a2, a3], opts);
+    if (opts.ioctl !== true) return runSupervisedAttach(positionals, opts as AttachCliOptions & SupervisedAttachOptions);
+    const { source, device } = await openSource(positionals, opts);
     try {
       await attachIoctl(source, device, opts);
     } finally {
@@ -111,6 +172,7 @@ async function attachIoctl(source: ConnectionSource, device: string | undefined,
     `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
   );
   if (!r.done) return;
+  residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, notice);
   takeDetachRequested(r.index); // a marker left by an earlier detach of this device is not for us
   // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
   // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.

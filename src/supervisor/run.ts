@@ -44,6 +44,28 @@ export interface SupervisedAttachOptions extends ServerOptions {
   file?: string;
   /** Local attach: serve sparse memory of this size from this process. */
   memory?: string;
+  /** -s: the device holds swap. */
+  swap?: boolean;
+  /** -m: mark argv[0] with '@' for systemd. */
+  systemdMark?: boolean;
+}
+
+/**
+ * What -s/--swap and -m/--systemd-mark do to the process that stays resident for a device (the
+ * supervisor, or the -L process). Swap: the OOM killer must never pick the process that reconnects
+ * the swap device (nbd-client -swap does the same, plus mlockall, which V8 cannot survive: see
+ * docs/decisions.md). Systemd mark: systemd's shutdown leaves processes whose argv[0] starts with '@'
+ * alive (root or swap on NBD must outlive the unmount); Node's process.title rewrites argv in place.
+ */
+export function residentProcessSetup(how: { swap?: boolean | undefined; systemdMark?: boolean | undefined; device: string }, note: (m: string) => void): void {
+  if (how.systemdMark) process.title = `@nbd-attach ${how.device}`;
+  if (how.swap) {
+    try {
+      fs.writeFileSync('/proc/self/oom_score_adj', '-1000');
+    } catch (e) {
+      note(`--swap: cannot set oom_score_adj -1000: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  }
 }
 
 export const CHILD_FLAG = '--supervisor-child';
@@ -216,6 +238,9 @@ export async function openSource(
   if (opts.file !== undefined || opts.memory !== undefined) {
     const given = positionals.filter((x): x is string => x !== undefined);
     const what = opts.file !== undefined ? `--file ${opts.file}` : `--memory ${opts.memory}`;
+    if (opts.swap) {
+      throw new NbdError('NBD_E_USAGE', `${what} with -s/--swap: swapping to a disk served by this same machine can deadlock under memory pressure; swap needs a remote server`);
+    }
     if (given.length > 1 || opts.unix !== undefined || opts.name !== undefined) {
       throw new NbdError('NBD_E_USAGE', `${what} serves the image from this process: give only the device (nbd-attach ${what} [/dev/nbdN]), no server or export`);
     }
@@ -335,6 +360,7 @@ async function attachFrom(
   if (r.interface === 'ioctl' || r.done) {
     // No netlink family (very old kernel): this process holds the device; no reconnect possible.
     ops.close();
+    residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, rep.note);
     rep.ready(`${summary}, no reconnect (ioctl fallback), supervisor pid ${process.pid}`);
     const end = await r.done!;
     return end.ret < 0 ? 5 : 0;
@@ -358,6 +384,8 @@ async function attachFrom(
     blockSize: r.blockSize,
     flags: info.flags,
     readOnly: r.readOnly,
+    ...(opts.swap ? { swap: true as const } : {}),
+    ...(opts.systemdMark ? { systemdMark: true as const } : {}),
     requestTimeoutS,
     deadTimeoutS,
     reconnects: 0,
@@ -432,6 +460,8 @@ async function adopt(
     blockSize: saved?.blockSize ?? 512,
     flags,
     readOnly: saved?.readOnly ?? false,
+    ...(saved?.swap || opts.swap ? { swap: true as const } : {}),
+    ...(saved?.systemdMark || opts.systemdMark ? { systemdMark: true as const } : {}),
     requestTimeoutS: saved?.requestTimeoutS ?? opts.timeout ?? DEFAULT_REQUEST_TIMEOUT_S,
     deadTimeoutS: saved?.deadTimeoutS ?? opts.deadTimeout ?? DEFAULT_DEAD_TIMEOUT_S,
     reconnects: saved?.reconnects ?? 0,
@@ -489,6 +519,8 @@ async function supervise(
     process.exit(1);
   });
 
+  residentProcessSetup({ swap: base.swap, systemdMark: base.systemdMark, device: base.device }, log);
+  if (base.swap && base.tls) log('note: --swap with TLS: every swapped page passes through this process (the TLS relay); it is kept from the OOM killer but not locked in memory');
   const state: SupervisorState = { ...base };
   const sup = new Supervisor<LiveCandidate>(
     {

@@ -28,6 +28,10 @@ export interface SupervisorState {
   endpoint?: Endpoint;
   /** TLS settings (file paths, no keys) when the device's connections use TLS. */
   tls?: TlsSettings;
+  /** -s/--swap: the supervisor keeps oom_score_adj -1000 (an adopting supervisor too). */
+  swap?: true;
+  /** -m/--systemd-mark: the supervisor's argv[0] starts with '@' (an adopting supervisor too). */
+  systemdMark?: true;
   /** Local attach (`--file`/`--memory`): the server lived in the supervisor; nothing to adopt. */
   local?: true;
   export: string;

@@ -286,3 +286,15 @@ test('IPv6 loopback [::1]', async (t) => {
   assert.equal(JSON.parse(r.stdout).size, 1 << 20);
 });
 void writeFileSync;
+
+test('attach usage errors come before anything is opened: --swap with local attach; nbdtab misuse', async () => {
+  let r = await runCli(['--memory', '16M', '-s', '-n']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /^nbd-attach: --memory 16M with -s\/--swap: swapping to a disk served by this same machine can deadlock .*remote server\n$/);
+  r = await runCli(['--nbdtab', '/nonexistent/nbdtab', 'nbd3']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /^nbd-attach: no server given for nbd3, and \/nonexistent\/nbdtab cannot be read \(ENOENT\): nbd-attach HOST\[:PORT\] nbd3/);
+  r = await runCli(['--nbdtab', '/nonexistent/nbdtab', '127.0.0.1:1', 'nbd3']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /--nbdtab is read when the device is the only argument/);
+});

@@ -3,7 +3,7 @@
 // read-only exports and -R — each against a real server (nbdkit, nbd-server, qemu-nbd).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, waitFor, nbdSizeBytes } from './lib.ts';
 import { assertWritesRefused, kernelSuite, attachedDevice, cli, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
@@ -196,4 +196,43 @@ test('-L reconnects after a server restart, like nbd-client -persist (I/O fails 
   const d = await cli(['-d', '/dev/nbd7']);
   assert.equal(d.code, 0, show(d));
   assert.equal((await fg.exit).code, 0, fg.stderr());
+});
+
+test('nbdtab (the nbd-client `nbdN` form): the entry is attached with its options; -s and -m mark the supervisor', async () => {
+  const disk = await tmpFile(64 * MiB);
+  const server = await startNbdkit(['file', disk]);
+  const tab = join(await tmpDir('tab-'), 'nbdtab');
+  writeFileSync(tab, `# as nbdtab(5)\nnbd4\t127.0.0.1  disk  port=${server.port},bs=4096,conns=2,timeout=30,swap,persist,_local\n`);
+  const a = await cli(['--nbdtab', tab, 'nbd4', '-m']);
+  assert.equal(a.code, 0, show(a));
+  assert.equal(a.stderr, '', 'no warnings: _local is for local use, persist is understood');
+  assert.match(a.stdout, /^\/dev\/nbd4 attached: 64 MiB .*export 'disk', block size 4096, netlink, connections 2, supervisor pid \d+/);
+  const pid = Number(/supervisor pid (\d+)/.exec(a.stdout)![1]);
+  assert.equal(readFileSync('/sys/block/nbd4/queue/logical_block_size', 'utf8').trim(), '4096', 'bs=4096');
+  assert.equal(readFileSync('/sys/block/nbd4/queue/io_timeout', 'utf8').trim(), '30000', 'timeout=30 (ms in sysfs)');
+  assert.equal(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8').trim(), '-1000', 'swap: the supervisor is kept from the OOM killer');
+  assert.equal(readFileSync(`/proc/${pid}/cmdline`, 'utf8')[0], '@', "-m: argv[0] starts with '@' (systemd leaves it at shutdown)");
+  const st = await cli(['status', 'nbd4', '--json']);
+  assert.equal(st.code, 0, show(st));
+  assert.deepEqual((JSON.parse(st.stdout) as { connections: unknown }[])[0]!.connections, { live: 2, total: 2 });
+  // swap on the device for real: mkswap, swapon, swapoff.
+  await mustRun('mkswap', ['/dev/nbd4']);
+  await mustRun('swapon', ['/dev/nbd4']);
+  assert.match(readFileSync('/proc/swaps', 'utf8'), /\/dev\/nbd4\s+partition/);
+  await mustRun('swapoff', ['/dev/nbd4']);
+  const d = await cli(['-d', '/dev/nbd4']);
+  assert.equal(d.code, 0, show(d));
+  const gone = (): boolean => {
+    try {
+      return /^\d+ \(.*\) [ZX] /s.test(readFileSync(`/proc/${pid}/stat`, 'utf8')); // a zombie nobody reaps has exited too
+    } catch {
+      return true;
+    }
+  };
+  await waitFor(gone, 30_000, { what: 'supervisor exit after -d' });
+  // A device the file does not list: one line saying what to type.
+  const none = await cli(['--nbdtab', tab, 'nbd5']);
+  assert.equal(none.code, 2, show(none));
+  assert.match(none.stderr, /^nbd-attach: no server given for nbd5, and .*nbdtab has no entry for it: nbd-attach HOST\[:PORT\] nbd5\n$/);
+  await server.stop();
 });
