@@ -13,6 +13,9 @@ import type { Target } from '../../src/address.ts';
 import { type Connection, negotiate } from '../../src/client/negotiate.ts';
 import { Cmd, SIMPLE_REPLY_LENGTH } from '../../src/protocol/constants.ts';
 import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
+import { socketTuning } from '../../src/supervisor/kernel-ops.ts';
+import { TCP_TUNING } from '../../src/supervisor/policy.ts';
+import { remoteSource } from '../../src/supervisor/source.ts';
 import { type RunningServer, freePort, makePki, readExact, runCli, sparseFile, startNbdkit, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -75,6 +78,20 @@ describe('client TLS against nbdkit (X.509, --tls=require)', { timeout: 120_000 
     assert.equal(conn.socket.remoteFamily, undefined, 'the kernel gets a socketpair end, not the TCP socket');
     assert.equal(conn.info.size, 64n << 20n);
     await roundTrip(conn);
+  });
+
+  it('the supervisor\'s source tunes the TCP socket under TLS (keepalive, TCP_USER_TIMEOUT), not the socketpair', async () => {
+    const conn = await remoteSource({ endpoint: tcp(srv.port), tls: { certificatesDir: pki } }, '', false).connect(10_000);
+    try {
+      const fd = (conn.transport as unknown as { _handle: { fd: number } })._handle.fd;
+      const t = socketTuning(fd);
+      assert.equal(t.keepalive, 1);
+      assert.equal(t.idle, TCP_TUNING.keepIdleS);
+      assert.equal(t.userTimeoutMs, TCP_TUNING.userTimeoutMs);
+    } finally {
+      conn.socket.destroy();
+      conn.transport!.destroy();
+    }
   });
 
   it('the TCP connection dying closes the kernel end (so the kernel sees a dead link)', async () => {
