@@ -16,7 +16,7 @@ import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
 import { socketTuning } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 import { remoteSource } from '../../src/supervisor/source.ts';
-import { type RunningServer, freePort, makePki, readExact, runCli, sparseFile, startNbdkit, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
+import { type ServerHandle, makePki, readExact, runCli, sparseFile, startNbdkit, startOurServer, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const dir = tmpDir('nbd-client-tls-');
@@ -28,7 +28,7 @@ writeFileSync(pskFile, 'alice:0123456789abcdef0123456789abcdef\n');
 const wrongPsk = path.join(dir, 'wrong.psk');
 writeFileSync(wrongPsk, 'alice:ffffffffffffffffffffffffffffffff\n');
 
-const servers: RunningServer[] = [];
+const servers: ServerHandle[] = [];
 after(async () => {
   for (const s of servers) await s.stop();
 });
@@ -53,9 +53,9 @@ async function roundTrip(conn: Connection): Promise<void> {
 const tcp = (port: number): Target['endpoint'] => ({ kind: 'tcp', host: '127.0.0.1', port });
 
 describe('client TLS against nbdkit (X.509, --tls=require)', { timeout: 120_000 }, () => {
-  let srv: RunningServer;
+  let srv: ServerHandle;
   before(async () => {
-    srv = await startNbdkit(['memory', '64M'], ['--tls=require', `--tls-certificates=${pki}`]);
+    srv = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'memory', '64M']);
     servers.push(srv);
   });
 
@@ -127,7 +127,7 @@ describe('client TLS against nbdkit (X.509, --tls=require)', { timeout: 120_000 
 
 describe('client TLS: client certificates and pre-shared keys (nbdkit)', { timeout: 120_000 }, () => {
   it('--tls-verify-peer: the directory\'s client certificate gets in; -F/-K from another CA do not', async () => {
-    const srv = await startNbdkit(['memory', '16M'], ['--tls=require', `--tls-certificates=${pki}`, '--tls-verify-peer']);
+    const srv = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, '--tls-verify-peer', 'memory', '16M']);
     servers.push(srv);
     let r = await runCli(['info', `nbds://127.0.0.1:${srv.port}/?tls-certificates=${pki}`]);
     assert.equal(r.code, 0, r.stderr);
@@ -139,7 +139,7 @@ describe('client TLS: client certificates and pre-shared keys (nbdkit)', { timeo
   });
 
   it('--tls-psk: the right key gets in and carries data; a wrong key or unknown identity does not', async () => {
-    const srv = await startNbdkit(['memory', '16M'], ['--tls=require', `--tls-psk=${pskFile}`]);
+    const srv = await startNbdkit(['--tls=require', `--tls-psk=${pskFile}`, 'memory', '16M']);
     servers.push(srv);
     let r = await runCli(['info', '--tls-psk', pskFile, '--tls-username', 'alice', `127.0.0.1:${srv.port}`]);
     assert.equal(r.code, 0, r.stderr);
@@ -159,7 +159,7 @@ describe('client TLS: client certificates and pre-shared keys (nbdkit)', { timeo
 describe('client TLS against qemu-nbd and our own server', { timeout: 120_000 }, () => {
   it('qemu-nbd --tls-creds (x509): list, info and data through the relay', async () => {
     const img = sparseFile(dir, 'q.img', 16 << 20);
-    const srv = await startQemuNbd(img, 'qdisk', ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${pki}`, '--tls-creds', 'tls0']);
+    const srv = await startQemuNbd(['-f', 'raw', '-t', '-x', 'qdisk', '--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${pki}`, '--tls-creds', 'tls0', img]);
     servers.push(srv);
     const r = await runCli(['list', `nbds://127.0.0.1:${srv.port}?tls-certificates=${pki}`]);
     assert.equal(r.code, 0, r.stderr);
@@ -169,14 +169,19 @@ describe('client TLS against qemu-nbd and our own server', { timeout: 120_000 },
   });
 
   it('nbd-attach serve --tls require: our client and server agree, over TCP and a unix socket', async () => {
-    const port = await freePort();
     const img = sparseFile(dir, 'o.img', 16 << 20);
-    const srv = await startServer(process.execPath, [path.join(REPO, 'bin/nbd-attach.js'), 'serve', `odisk=${img}`, '--port', String(port), '--tls', 'require', '--tls-certificates', pki], { port, timeoutMs: 30_000 });
+    const srv = await startOurServer([`odisk=${img}`, '--tls', 'require', '--tls-certificates', pki]);
     servers.push(srv);
-    const conn = await negotiate({ endpoint: tcp(port), tls: { caFile: path.join(pki, 'ca-cert.pem') } }, { exportName: 'odisk', timeoutMs: 10_000 });
+    const conn = await negotiate({ endpoint: tcp(srv.port), tls: { caFile: path.join(pki, 'ca-cert.pem') } }, { exportName: 'odisk', timeoutMs: 10_000 });
     await roundTrip(conn);
     const sock = path.join(dir, 'o.sock');
-    const usrv = await startServer(process.execPath, [path.join(REPO, 'bin/nbd-attach.js'), 'serve', `odisk=${img}`, '--unix', sock, '--tls', 'require', '--tls-certificates', pki], { port: 0, socketPath: sock, timeoutMs: 30_000 });
+    const usrv = await startServer({
+      name: 'nbd-attach serve',
+      file: process.execPath,
+      args: () => [path.join(REPO, 'bin/nbd-attach.js'), 'serve', `odisk=${img}`, '--unix', sock, '--tls', 'require', '--tls-certificates', pki],
+      socketPath: sock,
+      startTimeoutMs: 30_000,
+    });
     servers.push(usrv);
     // Over a unix socket the certificate is checked against "localhost" (as libnbd does).
     const r = await runCli(['info', `nbds+unix:///odisk?socket=${sock}&tls-certificates=${pki}`]);

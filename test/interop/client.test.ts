@@ -13,13 +13,13 @@ import { parseAddress, type Target } from '../../src/address.ts';
 import { encodeRequest, decodeSimpleReply, encodeNewstyleGreeting, decodeOptionHeader, encodeOptionReply, encodeExportNameReply } from '../../src/protocol/codec.ts';
 import { Cmd, HandshakeFlag, Opt, RepErr, TransmissionFlag } from '../../src/protocol/constants.ts';
 import { NbdError } from '../../src/errors.ts';
-import { type RunningServer, runCli, sparseFile, startNbdServer, startNbdkit, startQemuNbd, tmpDir, freePort } from '../lib/servers.ts';
+import { type ServerHandle, runCli, sparseFile, startNbdServer, startNbdkit, startQemuNbd, startServer, tmpDir, freePort } from '../lib/servers.ts';
 
-const servers: RunningServer[] = [];
+const servers: ServerHandle[] = [];
 after(async () => {
   await Promise.all(servers.map((s) => s.stop()));
 });
-async function keep(p: Promise<RunningServer>): Promise<RunningServer> {
+async function keep(p: Promise<ServerHandle>): Promise<ServerHandle> {
   const s = await p;
   servers.push(s);
   return s;
@@ -82,7 +82,7 @@ test('nbdkit newstyle: list, info, negotiate with GO and with -g', async () => {
 });
 
 test('nbdkit -o oldstyle: list shows the one export; negotiate works', async () => {
-  const s = await keep(startNbdkit(['memory', '32M'], ['-o']));
+  const s = await keep(startNbdkit(['-o', 'memory', '32M']));
   const l = await listJson([`127.0.0.1:${s.port}`]);
   assert.equal(l.handshake, 'oldstyle');
   assert.equal(l.exports[0]!.size, 32 * 1024 * 1024);
@@ -92,7 +92,7 @@ test('nbdkit -o oldstyle: list shows the one export; negotiate works', async () 
 });
 
 test('nbdkit --mask-handshake=0 (non-fixed newstyle): list shows the default export; negotiate works', async () => {
-  const s = await keep(startNbdkit(['memory', '16M'], ['--mask-handshake=0']));
+  const s = await keep(startNbdkit(['--mask-handshake=0', 'memory', '16M']));
   const l = await listJson([`127.0.0.1:${s.port}`]);
   assert.equal(l.handshake, 'newstyle');
   assert.match(l.note ?? '', /non-fixed newstyle/);
@@ -126,8 +126,7 @@ test('nbdkit named exports (file dir=): list names and sizes; info one; unknown 
 test('nbdkit on a unix socket: -u PATH and nbd+unix:// URIs', async () => {
   const dir = tmpDir();
   const sock = path.join(dir, 'nbd.sock');
-  const { startServer } = await import('../lib/servers.ts');
-  await keep(startServer('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'memory', '8M'], { port: 0, socketPath: sock }));
+  await keep(startServer({ name: 'nbdkit', file: 'nbdkit', args: () => ['-f', '--exit-with-parent', '-U', sock, 'memory', '8M'], socketPath: sock }));
   const a = await listJson(['-u', sock]);
   assert.equal(a.exports[0]!.size, 8 << 20);
   const i = await runCli(['info', '--json', `nbd+unix:///?socket=${sock}`]);
@@ -140,11 +139,7 @@ test('nbd-server: several named exports with allowlist; read-only flag; negotiat
   const dir = tmpDir();
   const s = await keep(
     startNbdServer(
-      [
-        { name: 'disk1', file: sparseFile(dir, 'disk1.img', 4 << 20) },
-        { name: 'disk2', file: sparseFile(dir, 'disk2.img', 8 << 20), readonly: true },
-      ],
-      { allowlist: 'true' },
+      `[generic]\nallowlist = true\n[disk1]\nexportname = ${sparseFile(dir, 'disk1.img', 4 << 20)}\n[disk2]\nexportname = ${sparseFile(dir, 'disk2.img', 8 << 20)}\nreadonly = true\n`,
     ),
   );
   const l = await listJson([`127.0.0.1:${s.port}`]);
@@ -161,7 +156,7 @@ test('nbd-server: several named exports with allowlist; read-only flag; negotiat
 
 test('nbd-server without allowlist: list is refused by policy, clearly', async () => {
   const dir = tmpDir();
-  const s = await keep(startNbdServer([{ name: 'only', file: sparseFile(dir, 'only.img', 1 << 20) }]));
+  const s = await keep(startNbdServer(`[only]\nexportname = ${sparseFile(dir, 'only.img', 1 << 20)}\n`));
   const r = await runCli(['-l', `127.0.0.1:${s.port}`]);
   assert.equal(r.code, 4);
   assert.match(r.stderr, /refused listing exports by policy/);
@@ -169,7 +164,7 @@ test('nbd-server without allowlist: list is refused by policy, clearly', async (
 
 test('qemu-nbd -x NAME: list, info, negotiate', async () => {
   const dir = tmpDir();
-  const s = await keep(startQemuNbd(sparseFile(dir, 'q.img', 3 << 20), 'qdisk'));
+  const s = await keep(startQemuNbd(['-f', 'raw', '-t', '-x', 'qdisk', sparseFile(dir, 'q.img', 3 << 20)]));
   const l = await listJson([`127.0.0.1:${s.port}`]);
   assert.equal(l.exports[0]!.name, 'qdisk');
   assert.equal(l.exports[0]!.size, 3 << 20);
@@ -265,11 +260,9 @@ test('connection refused, nbds://, bad address: one line, right exit code', asyn
 });
 
 test('IPv6 loopback [::1]', async (t) => {
-  const port = await freePort();
-  const { startServer } = await import('../lib/servers.ts');
-  let s: RunningServer;
+  let s: ServerHandle;
   try {
-    s = await keep(startServer('nbdkit', ['-f', '--exit-with-parent', '-i', '::1', '-p', String(port), 'memory', '1M'], { port, timeoutMs: 5000 }));
+    s = await keep(startServer({ name: 'nbdkit', file: 'nbdkit', args: (port) => ['-f', '--exit-with-parent', '-i', '::1', '-p', String(port), 'memory', '1M'], startTimeoutMs: 5000 }));
   } catch (e) {
     // Only if the machine has no IPv6 loopback at all; then the parser is still covered by unit tests.
     const hasV6 = await new Promise<boolean>((res) => {
@@ -280,8 +273,7 @@ test('IPv6 loopback [::1]', async (t) => {
     t.diagnostic('no IPv6 loopback on this machine');
     return;
   }
-  void s;
-  const r = await runCli(['info', '--json', `[::1]:${port}`]);
+  const r = await runCli(['info', '--json', `[::1]:${s.port}`]);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(JSON.parse(r.stdout).size, 1 << 20);
 });

@@ -5,12 +5,17 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
-import { createServer, type Socket } from 'node:net';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import createDebug from 'debug';
+// Servers (nbdkit, nbd-server, qemu-nbd, our serve) and waitFor: one implementation for the host's
+// interop tests and the guest's kernel tests.
+import { stopAllServers, waitFor } from '../lib/servers.ts';
+
+export { freePort, isListening, startNbdkit, startNbdServer, startOurServer, startQemuNbd, waitFor, type ServerHandle } from '../lib/servers.ts';
 
 const debug = createDebug('nbd:kernel-test');
 
@@ -189,29 +194,6 @@ export const UNPRIVILEGED_PREFIX: readonly string[] = [
   '--',
 ];
 
-/** Polls `predicate` (sync or async) every `intervalMs` until it returns a truthy value, which it returns. */
-export async function waitFor<T>(
-  predicate: () => T | Promise<T>,
-  timeoutMs: number,
-  opts: { intervalMs?: number; what?: string } = {},
-): Promise<T> {
-  const interval = opts.intervalMs ?? 50;
-  const deadline = Date.now() + timeoutMs;
-  let lastError: unknown;
-  for (;;) {
-    try {
-      const v = await predicate();
-      if (v) return v;
-    } catch (e) {
-      lastError = e;
-    }
-    if (Date.now() >= deadline) {
-      const why = lastError instanceof Error ? ` (last error: ${lastError.message})` : '';
-      throw new Error(`waitFor: ${opts.what ?? 'condition'} not met within ${timeoutMs} ms${why}`);
-    }
-    await delay(interval);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Kernel modules
@@ -354,283 +336,9 @@ export function sha256(path: string, length?: number): Promise<string> {
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Servers on 127.0.0.1
-
-export interface ServerHandle {
-  port: number;
-  /** Pid of the server's main process (for nbd-server: the daemon, read from its pid file). */
-  pid: number;
-  /** The server's output so far (nbd-server logs nothing here once daemonised). */
-  log(): string;
-  /** SIGTERM, then SIGKILL after 5 s; resolves when it is gone. Safe to call twice. */
-  stop(): Promise<void>;
-  /** Sends `signal` (default SIGKILL) to the server and its per-connection children. */
-  kill(signal?: NodeJS.Signals): void;
-  /** Resolves when the main process has exited. */
-  exited(): Promise<void>;
-  /** Stops it if running and starts the same command on the same port. */
-  restart(): Promise<void>;
-}
-
-const liveServers = new Set<ServerHandle>();
-const livePids = new Set<number>();
-process.on('exit', () => {
-  for (const pid of livePids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-  }
-});
-
-/** A TCP port on 127.0.0.1 that was free a moment ago. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      srv.close(() => (typeof addr === 'object' && addr ? resolve(addr.port) : reject(new Error('freePort: no address'))));
-    });
-  });
-}
-
-/** True when something listens on 127.0.0.1:port (read from /proc/net/tcp: no probe connection). */
-export async function isListening(port: number): Promise<boolean> {
-  const want = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
-  const any = `00000000:${port.toString(16).toUpperCase().padStart(4, '0')}`;
-  const table = await readFile('/proc/net/tcp', 'utf8');
-  return table.split('\n').some((line) => {
-    const f = line.trim().split(/\s+/);
-    return (f[1] === want || f[1] === any) && f[3] === '0A';
-  });
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/^\d+ \(.*\) Z /s.test(stat);
-  } catch {
-    return false;
-  }
-}
-
-function childrenOf(pid: number): number[] {
-  try {
-    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-  } catch {
-    return [];
-  }
-}
-
-interface Launch {
-  name: string;
-  file: string;
-  args: (port: number) => string[] | Promise<string[]>;
-  /** For daemons: read the main pid (e.g. from a pid file) once the port listens. */
-  mainPid?: () => Promise<number>;
-  /** How long to wait for the port to listen (default 15 s). */
-  startTimeoutMs?: number;
-}
-
-class Server implements ServerHandle {
-  pid = -1;
-  private output = '';
-  private child: ChildProcess | undefined;
-  private childExit: Promise<void> = Promise.resolve();
-  private childCode: number | null = null;
-  private childDone = true;
-
-  constructor(
-    private readonly launch: Launch,
-    readonly port: number,
-  ) {}
-
-  /** Spawns the server and waits until the port listens; throws with the server's output. */
-  async start(): Promise<void> {
-    const { launch, port } = this;
-    const args = await launch.args(port);
-    debug('start %s %o', launch.file, args);
-    this.output = '';
-    const child = spawn(launch.file, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.child = child;
-    this.childDone = false;
-    this.childCode = null;
-    const collect = (b: Buffer): void => {
-      this.output = (this.output + b.toString('utf8')).slice(-64 * 1024);
-    };
-    child.stdout?.on('data', collect);
-    child.stderr?.on('data', collect);
-    let spawnError: Error | undefined;
-    child.on('error', (e) => {
-      spawnError = e;
-    });
-    this.childExit = new Promise<void>((resolve) =>
-      child.on('exit', (code) => {
-        this.childDone = true;
-        this.childCode = code;
-        resolve();
-      }),
-    );
-    if (child.pid !== undefined) livePids.add(child.pid);
-    try {
-      await waitFor(
-        async () => {
-          if (spawnError) throw spawnError;
-          if (await isListening(port)) return true;
-          // A daemon's launcher exits 0 once it has forked; anything else before listening is fatal.
-          if (this.childDone && (!launch.mainPid || this.childCode !== 0)) {
-            throw new Error(`exited (code ${this.childCode}) before listening`);
-          }
-          return false;
-        },
-        launch.startTimeoutMs ?? 15_000,
-        { what: `${launch.name} listening on 127.0.0.1:${port}`, intervalMs: 25 },
-      );
-      this.pid = launch.mainPid ? await launch.mainPid() : (child.pid ?? -1);
-    } catch (e) {
-      child.kill('SIGKILL');
-      throw new Error(`${launch.name} ${args.join(' ')}: ${(e as Error).message}\n${this.output}`);
-    }
-    livePids.add(this.pid);
-  }
-
-  log(): string {
-    return this.output;
-  }
-
-  private running(): boolean {
-    return this.launch.mainPid ? this.pid > 0 && pidAlive(this.pid) : !this.childDone;
-  }
-
-  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
-    if (this.pid <= 0) return;
-    for (const p of [this.pid, ...childrenOf(this.pid)]) {
-      try {
-        process.kill(p, signal);
-      } catch {
-        /* gone */
-      }
-    }
-  }
-
-  async exited(): Promise<void> {
-    if (!this.launch.mainPid) return this.childExit;
-    const pid = this.pid;
-    await waitFor(() => !pidAlive(pid), 3_600_000, { what: `${this.launch.name} pid ${pid} exit`, intervalMs: 25 });
-  }
-
-  async stop(): Promise<void> {
-    if (this.running()) {
-      this.kill('SIGTERM');
-      const gone = await Promise.race([this.exited().then(() => true), delay(5_000).then(() => false)]);
-      if (!gone) {
-        this.kill('SIGKILL');
-        await this.exited();
-      }
-    }
-    liveServers.delete(this);
-    livePids.delete(this.pid);
-    if (this.child?.pid !== undefined) livePids.delete(this.child.pid);
-  }
-
-  async restart(): Promise<void> {
-    await this.stop();
-    await this.start();
-    liveServers.add(this);
-  }
-}
-
-async function startServer(launch: Launch): Promise<ServerHandle> {
-  requireGuest();
-  let lastError: Error | undefined;
-  for (let attempt = 0; attempt < 3; attempt++) {
-    const server = new Server(launch, await freePort());
-    try {
-      await server.start();
-      liveServers.add(server);
-      return server;
-    } catch (e) {
-      lastError = e as Error; // most likely the port was taken in between: try another
-    }
-  }
-  throw lastError ?? new Error(`${launch.name}: could not start`);
-}
-
-/**
- * nbdkit in the foreground on 127.0.0.1 and a free port; `args` are what follows the options,
- * e.g. `['memory', '64M']` or `['--filter=delay', 'memory', '64M', 'delay-read=1']`.
- */
-export function startNbdkit(args: readonly string[]): Promise<ServerHandle> {
-  return startServer({
-    name: 'nbdkit',
-    file: 'nbdkit',
-    args: (port) => ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), ...args],
-  });
-}
-
-/**
- * Debian's nbd-server with this configuration: export sections (and optionally a [generic]
- * section, minus port/listenaddr, which are set here). Runs as root, daemonised; `pid` is the
- * daemon's and kill() also reaches the per-connection children.
- */
-export async function startNbdServer(configText: string): Promise<ServerHandle> {
-  const dir = await tmpDir('nbd-server-');
-  const pidFile = join(dir, 'nbd-server.pid');
-  const confFile = join(dir, 'config');
-  return startServer({
-    name: 'nbd-server',
-    file: 'nbd-server',
-    async args(port) {
-      const injected = `port = ${port}\nlistenaddr = 127.0.0.1\n`;
-      const text = /^\s*\[generic\]\s*$/m.test(configText)
-        ? configText.replace(/^\s*\[generic\]\s*$/m, (h) => `${h}\n${injected}`)
-        : `[generic]\n${injected}\n${configText}`;
-      await rm(pidFile, { force: true });
-      await writeFile(confFile, text);
-      return ['-C', confFile, '-p', pidFile];
-    },
-    async mainPid() {
-      const text = await waitFor(
-        async () => (existsSync(pidFile) ? (await readFile(pidFile, 'utf8')).trim() : ''),
-        5_000,
-        { what: 'nbd-server pid file' },
-      );
-      return Number(text);
-    },
-  });
-}
-
-/**
- * qemu-nbd on 127.0.0.1 and a free port; `args` follow `-b/-p`, e.g. `['-f', 'raw', '-t', file]`.
- * Without -t/--persistent it serves one client and exits.
- */
-export function startQemuNbd(args: readonly string[]): Promise<ServerHandle> {
-  return startServer({
-    name: 'qemu-nbd',
-    file: 'qemu-nbd',
-    args: (port) => ['-b', '127.0.0.1', '-p', String(port), ...args],
-  });
-}
-
-/**
- * Our own server, `nbd-attach serve`, on 127.0.0.1 and a free port; `args` follow `serve`, e.g.
- * `[file]` or `['--memory', '64M']`.
- */
-export function startOurServer(args: readonly string[]): Promise<ServerHandle> {
-  return startServer({
-    name: 'nbd-attach serve',
-    file: process.execPath,
-    args: (port) => [join(process.cwd(), 'bin/nbd-attach.js'), 'serve', '--port', String(port), ...args],
-    startTimeoutMs: 120_000, // Node + tsx start-up under software emulation
-  });
-}
-
 /** Stops every server started here and removes the temporary files. Call it in `after()`. */
 export async function cleanup(): Promise<void> {
-  for (const s of [...liveServers]) await s.stop().catch(() => {});
+  await stopAllServers();
   if (tmpRoot) {
     await rm(tmpRoot, { recursive: true, force: true });
     tmpRoot = undefined;

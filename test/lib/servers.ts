@@ -1,27 +1,22 @@
-// Real NBD servers for tests: nbdkit, nbd-server, qemu-nbd (Debian packages), started on loopback
-// with a free port, waited for until they accept, and always stopped by the caller's `stop()`.
-// Used by the interop tests on the host and by the kernel tests inside the VM.
+// Real NBD servers for tests: nbdkit, nbd-server, qemu-nbd (Debian packages) and our own `serve`,
+// started on loopback with a free port (or a unix socket), waited for until they listen (read from
+// /proc: no probe connection), stopped by `stop()` and, whatever happens, killed when the test
+// process exits. One implementation for the interop tests on the host and the kernel tests in the
+// VM (test/kernel/lib.ts re-exports it); plus the other helpers both kinds of test share.
 
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
-import path from 'node:path';
+import path, { join } from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import createDebug from 'debug';
+
+const debug = createDebug('nbd:test-servers');
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-
-export interface RunningServer {
-  port: number;
-  /** For unix-socket servers. */
-  socketPath?: string;
-  pid: number;
-  /** Output so far, for failure messages. */
-  log(): string;
-  kill(signal?: NodeJS.Signals): void;
-  /** SIGTERM, then SIGKILL after 3 s; resolves when the process is gone. */
-  stop(): Promise<void>;
-}
 
 export function tmpDir(prefix = 'nbd-attach-test-'): string {
   return mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -43,7 +38,7 @@ export function freePort(): Promise<number> {
  * Whether something listens on the TCP port (or the unix socket exists), read from /proc so that no
  * probe connection is made: nbd-server -d exits when a client drops during negotiation.
  */
-function isListening(port: number, socketPath?: string): boolean {
+export function isListening(port: number, socketPath?: string): boolean {
   if (port === 0 && !socketPath) return false;
   if (socketPath) return existsSync(socketPath);
   const hex = port.toString(16).toUpperCase().padStart(4, '0');
@@ -63,118 +58,289 @@ function isListening(port: number, socketPath?: string): boolean {
   return false;
 }
 
-/** Spawn a server and wait (bounded) until its port accepts connections. */
-export async function startServer(cmd: string, args: string[], opts: { port: number; socketPath?: string; timeoutMs?: number }): Promise<RunningServer> {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout!.on('data', (d) => (out += d));
-  child.stderr!.on('data', (d) => (out += d));
-  let exited = false;
-  const gone = new Promise<void>((resolve) => child.once('exit', () => { exited = true; resolve(); }));
-  child.once('error', (e) => (out += `spawn error: ${e.message}`));
-  const server: RunningServer = {
-    port: opts.port,
-    ...(opts.socketPath ? { socketPath: opts.socketPath } : {}),
-    pid: child.pid ?? 0,
-    log: () => out,
-    kill: (signal = 'SIGKILL') => { if (!exited) child.kill(signal); },
-    stop: async () => {
-      if (exited) return;
-      child.kill('SIGTERM');
-      const t = setTimeout(() => child.kill('SIGKILL'), 3000);
-      await gone;
-      clearTimeout(t);
-    },
-  };
-  const deadline = Date.now() + (opts.timeoutMs ?? 15_000);
-  while (Date.now() < deadline) {
-    if (exited) throw new Error(`${cmd} exited before listening: ${out.trim()}`);
-    if (isListening(opts.port, opts.socketPath)) return server;
-    await new Promise((r) => setTimeout(r, 50));
+/** Polls `predicate` (sync or async) every `intervalMs` until it returns a truthy value, which it returns. */
+export async function waitFor<T>(
+  predicate: () => T | Promise<T>,
+  timeoutMs: number,
+  opts: { intervalMs?: number; what?: string } = {},
+): Promise<T> {
+  const interval = opts.intervalMs ?? 50;
+  const deadline = Date.now() + timeoutMs;
+  let lastError: unknown;
+  for (;;) {
+    try {
+      const v = await predicate();
+      if (v) return v;
+    } catch (e) {
+      lastError = e;
+    }
+    if (Date.now() >= deadline) {
+      const why = lastError instanceof Error ? ` (last error: ${lastError.message})` : '';
+      throw new Error(`waitFor: ${opts.what ?? 'condition'} not met within ${timeoutMs} ms${why}`);
+    }
+    await delay(interval);
   }
-  await server.stop();
-  throw new Error(`${cmd} did not listen on ${opts.socketPath ?? opts.port} within the time limit: ${out.trim()}`);
 }
 
-/** nbdkit on 127.0.0.1 with a free port; `args` are the plugin and its parameters (and any extra flags). */
-export async function startNbdkit(args: string[], flags: string[] = []): Promise<RunningServer> {
-  const port = await freePort();
-  return startServer('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), ...flags, ...args], { port });
+export interface ServerHandle {
+  /** 0 for a unix-socket server. */
+  port: number;
+  /** For unix-socket servers. */
+  socketPath?: string;
+  /** Pid of the server's main process (for nbd-server: the daemon, read from its pid file). */
+  pid: number;
+  /** The server's output so far (nbd-server logs nothing here once daemonised). */
+  log(): string;
+  /** SIGTERM, then SIGKILL after 5 s; resolves when it is gone. Safe to call twice. */
+  stop(): Promise<void>;
+  /** Sends `signal` (default SIGKILL) to the server and its per-connection children. */
+  kill(signal?: NodeJS.Signals): void;
+  /** Resolves when the main process has exited. */
+  exited(): Promise<void>;
+  /** Stops it if running and starts the same command on the same port. */
+  restart(): Promise<void>;
 }
 
-export interface NbdServerExport {
+const liveServers = new Set<ServerHandle>();
+const livePids = new Set<number>();
+process.on('exit', () => {
+  for (const pid of livePids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+});
+
+function pidAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^\d+ \(.*\) Z /s.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+function childrenOf(pid: number): number[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+export interface Launch {
   name: string;
   file: string;
-  readonly?: boolean;
+  args: (port: number) => string[] | Promise<string[]>;
+  /** A unix-socket server: it is ready when this path exists (no port is picked). */
+  socketPath?: string;
+  /** For daemons: read the main pid (e.g. from a pid file) once the port listens. */
+  mainPid?: () => Promise<number>;
+  /** How long to wait for the port to listen (default 15 s). */
+  startTimeoutMs?: number;
 }
 
-/** nbd-server (the reference server) with a config file of named exports. */
-export async function startNbdServer(exports: NbdServerExport[], generic: Record<string, string> = {}): Promise<RunningServer> {
-  const port = await freePort();
-  const dir = tmpDir('nbd-server-');
-  const lines = ['[generic]', `port = ${port}`, 'listenaddr = 127.0.0.1', ...Object.entries(generic).map(([k, v]) => `${k} = ${v}`)];
-  for (const e of exports) {
-    lines.push(`[${e.name}]`, `exportname = ${e.file}`);
-    if (e.readonly) lines.push('readonly = true');
+class Server implements ServerHandle {
+  pid = -1;
+  private output = '';
+  private child: ChildProcess | undefined;
+  private childExit: Promise<void> = Promise.resolve();
+  private childCode: number | null = null;
+  private childDone = true;
+
+  readonly socketPath: string | undefined;
+  constructor(
+    private readonly launch: Launch,
+    readonly port: number,
+  ) {
+    this.socketPath = launch.socketPath;
   }
-  const config = path.join(dir, 'config');
-  writeFileSync(config, `${lines.join('\n')}\n`);
-  // Not -d: in the foreground nbd-server serves one transmission session and exits (and exits when a
-  // client drops mid-negotiation). As a daemon it forks per client, like in production; we track it by
-  // its pid file and kill its whole session (it calls setsid) when done.
-  const pidFile = path.join(dir, 'pid');
-  const launcher = spawn('nbd-server', ['-C', config, '-p', pidFile], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  launcher.stdout!.on('data', (d) => (out += d));
-  launcher.stderr!.on('data', (d) => (out += d));
-  await new Promise<void>((resolve) => launcher.once('exit', () => resolve()));
-  const deadline = Date.now() + 15_000;
-  let pid = 0;
-  while (Date.now() < deadline) {
-    if (!pid && existsSync(pidFile)) pid = Number(readFileSync(pidFile, 'utf8').trim()) || 0;
-    if (pid && isListening(port)) break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  const alive = (): boolean => {
+
+  /** Spawns the server and waits until the port listens; throws with the server's output. */
+  async start(): Promise<void> {
+    const { launch, port } = this;
+    const args = await launch.args(port);
+    debug('start %s %o', launch.file, args);
+    this.output = '';
+    const child = spawn(launch.file, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = child;
+    this.childDone = false;
+    this.childCode = null;
+    const collect = (b: Buffer): void => {
+      this.output = (this.output + b.toString('utf8')).slice(-64 * 1024);
+    };
+    child.stdout?.on('data', collect);
+    child.stderr?.on('data', collect);
+    let spawnError: Error | undefined;
+    child.on('error', (e) => {
+      spawnError = e;
+    });
+    this.childExit = new Promise<void>((resolve) =>
+      child.on('exit', (code) => {
+        this.childDone = true;
+        this.childCode = code;
+        resolve();
+      }),
+    );
+    if (child.pid !== undefined) livePids.add(child.pid);
     try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
+      await waitFor(
+        async () => {
+          if (spawnError) throw spawnError;
+          if (isListening(port, launch.socketPath)) return true;
+          // A daemon's launcher exits 0 once it has forked; anything else before listening is fatal.
+          if (this.childDone && (!launch.mainPid || this.childCode !== 0)) {
+            throw new Error(`exited (code ${this.childCode}) before listening`);
+          }
+          return false;
+        },
+        launch.startTimeoutMs ?? 15_000,
+        { what: `${launch.name} listening on ${launch.socketPath ?? `127.0.0.1:${port}`}`, intervalMs: 25 },
+      );
+      this.pid = launch.mainPid ? await launch.mainPid() : (child.pid ?? -1);
+    } catch (e) {
+      child.kill('SIGKILL');
+      throw new Error(`${launch.name} ${args.join(' ')}: ${(e as Error).message}\n${this.output}`);
     }
-  };
-  const signal = (sig: NodeJS.Signals) => {
-    for (const target of [-pid, pid]) {
+    livePids.add(this.pid);
+  }
+
+  log(): string {
+    return this.output;
+  }
+
+  private running(): boolean {
+    return this.launch.mainPid ? this.pid > 0 && pidAlive(this.pid) : !this.childDone;
+  }
+
+  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
+    if (this.pid <= 0) return;
+    for (const p of [this.pid, ...childrenOf(this.pid)]) {
       try {
-        process.kill(target, sig);
+        process.kill(p, signal);
       } catch {
-        /* already gone */
+        /* gone */
       }
     }
-  };
-  const server: RunningServer = {
-    port,
-    pid,
-    log: () => out,
-    kill: (sig = 'SIGKILL') => signal(sig),
-    stop: async () => {
-      if (!pid) return;
-      signal('SIGTERM');
-      for (let i = 0; i < 60 && alive(); i++) await new Promise((r) => setTimeout(r, 50));
-      if (alive()) signal('SIGKILL');
-    },
-  };
-  if (!pid || !isListening(port)) {
-    await server.stop();
-    throw new Error(`nbd-server did not listen on ${port} within the time limit: ${out.trim()}`);
   }
-  return server;
+
+  async exited(): Promise<void> {
+    if (!this.launch.mainPid) return this.childExit;
+    const pid = this.pid;
+    await waitFor(() => !pidAlive(pid), 3_600_000, { what: `${this.launch.name} pid ${pid} exit`, intervalMs: 25 });
+  }
+
+  async stop(): Promise<void> {
+    if (this.running()) {
+      this.kill('SIGTERM');
+      const gone = await Promise.race([this.exited().then(() => true), delay(5_000).then(() => false)]);
+      if (!gone) {
+        this.kill('SIGKILL');
+        await this.exited();
+      }
+    }
+    liveServers.delete(this);
+    livePids.delete(this.pid);
+    if (this.child?.pid !== undefined) livePids.delete(this.child.pid);
+  }
+
+  async restart(): Promise<void> {
+    await this.stop();
+    await this.start();
+    liveServers.add(this);
+  }
 }
 
-/** qemu-nbd serving one raw file under `name`, persistent (-t), on 127.0.0.1. */
-export async function startQemuNbd(file: string, name: string, extra: string[] = []): Promise<RunningServer> {
-  const port = await freePort();
-  return startServer('qemu-nbd', ['-f', 'raw', '-t', '-b', '127.0.0.1', '-p', String(port), '-x', name, ...extra, file], { port });
+/** Start any server command; the port is picked here (free a moment ago; retried if it was taken). */
+export async function startServer(launch: Launch): Promise<ServerHandle> {
+  let lastError: Error | undefined;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const server = new Server(launch, launch.socketPath ? 0 : await freePort());
+    try {
+      await server.start();
+      liveServers.add(server);
+      return server;
+    } catch (e) {
+      lastError = e as Error; // most likely the port was taken in between: try another
+    }
+  }
+  throw lastError ?? new Error(`${launch.name}: could not start`);
+}
+
+/**
+ * nbdkit in the foreground on 127.0.0.1 and a free port; `args` are what follows the options,
+ * e.g. `['memory', '64M']` or `['--filter=delay', 'memory', '64M', 'delay-read=1']`.
+ */
+export function startNbdkit(args: readonly string[]): Promise<ServerHandle> {
+  return startServer({
+    name: 'nbdkit',
+    file: 'nbdkit',
+    args: (port) => ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), ...args],
+  });
+}
+
+/**
+ * Debian's nbd-server with this configuration: export sections (and optionally a [generic]
+ * section, minus port/listenaddr, which are set here). Runs as root, daemonised; `pid` is the
+ * daemon's and kill() also reaches the per-connection children.
+ */
+export async function startNbdServer(configText: string): Promise<ServerHandle> {
+  const dir = tmpDir('nbd-server-');
+  const pidFile = join(dir, 'nbd-server.pid');
+  const confFile = join(dir, 'config');
+  return startServer({
+    name: 'nbd-server',
+    file: 'nbd-server',
+    async args(port) {
+      const injected = `port = ${port}\nlistenaddr = 127.0.0.1\n`;
+      const text = /^\s*\[generic\]\s*$/m.test(configText)
+        ? configText.replace(/^\s*\[generic\]\s*$/m, (h) => `${h}\n${injected}`)
+        : `[generic]\n${injected}\n${configText}`;
+      await rm(pidFile, { force: true });
+      await writeFile(confFile, text);
+      return ['-C', confFile, '-p', pidFile];
+    },
+    async mainPid() {
+      const text = await waitFor(
+        async () => (existsSync(pidFile) ? (await readFile(pidFile, 'utf8')).trim() : ''),
+        5_000,
+        { what: 'nbd-server pid file' },
+      );
+      return Number(text);
+    },
+  });
+}
+
+/**
+ * qemu-nbd on 127.0.0.1 and a free port; `args` follow `-b/-p`, e.g. `['-f', 'raw', '-t', file]`.
+ * Without -t/--persistent it serves one client and exits.
+ */
+export function startQemuNbd(args: readonly string[]): Promise<ServerHandle> {
+  return startServer({
+    name: 'qemu-nbd',
+    file: 'qemu-nbd',
+    args: (port) => ['-b', '127.0.0.1', '-p', String(port), ...args],
+  });
+}
+
+/**
+ * Our own server, `nbd-attach serve`, on 127.0.0.1 and a free port; `args` follow `serve`, e.g.
+ * `[file]` or `['--memory', '64M']`.
+ */
+export function startOurServer(args: readonly string[]): Promise<ServerHandle> {
+  return startServer({
+    name: 'nbd-attach serve',
+    file: process.execPath,
+    args: (port) => [join(REPO, 'bin/nbd-attach.js'), 'serve', '--port', String(port), ...args],
+    startTimeoutMs: 120_000, // Node + tsx start-up under software emulation
+  });
+}
+
+/** Stops every server started here (kernel tests' cleanup() and any test's after()). */
+export async function stopAllServers(): Promise<void> {
+  for (const s of [...liveServers]) await s.stop().catch(() => {});
 }
 
 /** A file of `size` bytes (sparse). */
