@@ -1,5 +1,5 @@
 // Our client's TLS (NBD_OPT_STARTTLS, nbds://, nbd-client's -x/-A/-F/-K/-H, libnbd's certificate
-// directory and PSK file) against real TLS servers: nbdkit and qemu-nbd (GnuTLS) and our own
+// directory and PSK file) against real TLS servers: nbdkit, nbd-server and qemu-nbd (GnuTLS) and our own
 // `serve --tls` (OpenSSL through node:tls). The data path goes through the relay the kernel would
 // use (src/client/tls.ts): requests are written to the kernel's end of the socketpair.
 
@@ -16,7 +16,7 @@ import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
 import { socketTuning } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 import { remoteSource } from '../../src/supervisor/source.ts';
-import { type ServerHandle, makePki, readExact, runCli, sparseFile, startNbdkit, startOurServer, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
+import { type ServerHandle, makePki, readExact, runCli, sparseFile, startNbdServer, startNbdkit, startOurServer, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const dir = tmpDir('nbd-client-tls-');
@@ -156,7 +156,26 @@ describe('client TLS: client certificates and pre-shared keys (nbdkit)', { timeo
   });
 });
 
-describe('client TLS against qemu-nbd and our own server', { timeout: 120_000 }, () => {
+describe('client TLS against nbd-server, qemu-nbd and our own server', { timeout: 120_000 }, () => {
+  it('nbd-server with force_tls and a CA (it then requires client certificates): the directory\'s certificate gets in', async () => {
+    const img = sparseFile(dir, 'n.img', 16 << 20);
+    const srv = await startNbdServer(
+      `[generic]\ncertfile = ${pki}/server-cert.pem\nkeyfile = ${pki}/server-key.pem\ncacertfile = ${pki}/ca-cert.pem\nforce_tls = true\n[ndisk]\nexportname = ${img}\n`,
+    );
+    servers.push(srv);
+    let r = await runCli(['info', '-N', 'ndisk', '-A', path.join(pki, 'ca-cert.pem'), '-F', path.join(pki, 'client-cert.pem'), '-K', path.join(pki, 'client-key.pem'), `127.0.0.1:${srv.port}`]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /size:\s+16777216 bytes[\s\S]*NBD_OPT_GO, TLS\)/);
+    const conn = await negotiate({ endpoint: tcp(srv.port), tls: { certificatesDir: pki } }, { exportName: 'ndisk', timeoutMs: 10_000 });
+    await roundTrip(conn);
+    r = await runCli(['info', '-N', 'ndisk', '-A', path.join(pki, 'ca-cert.pem'), `127.0.0.1:${srv.port}`]);
+    assert.equal(r.code, 4);
+    assert.match(r.stderr, /^nbd-attach: server closed the connection right after TLS .*client certificate/);
+    r = await runCli(['info', '-N', 'ndisk', `127.0.0.1:${srv.port}`]);
+    assert.equal(r.code, 4);
+    assert.match(r.stderr, /server requires TLS for export 'ndisk' \(server says: TLS is required on this server\): connect with TLS/);
+  });
+
   it('qemu-nbd --tls-creds (x509): list, info and data through the relay', async () => {
     const img = sparseFile(dir, 'q.img', 16 << 20);
     const srv = await startQemuNbd(['-f', 'raw', '-t', '-x', 'qdisk', '--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${pki}`, '--tls-creds', 'tls0', img]);
