@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { mustRun, run, sha256, startNbdkit, startNbdServer, startQemuNbd, tmpDir, tmpFile, waitFor, nbdSizeBytes } from './lib.ts';
+import { makePki } from '../lib/servers.ts';
 import { assertWritesRefused, kernelSuite, attachedDevice, cli, fillFilesystem, indexOf, show, startForeground, sysPid, verifyFilesystem } from './attach-common.ts';
 
 const MiB = 1024 * 1024;
@@ -234,5 +235,21 @@ test('nbdtab (the nbd-client `nbdN` form): the entry is attached with its option
   const none = await cli(['--nbdtab', tab, 'nbd5']);
   assert.equal(none.code, 2, show(none));
   assert.match(none.stderr, /^nbd-attach: no server given for nbd5, and .*nbdtab has no entry for it: nbd-attach HOST\[:PORT\] nbd5\n$/);
+  await server.stop();
+});
+
+test('-L (ioctl) over TLS: the relay runs beside NBD_DO_IT in the same process; ext4 round trip; SIGTERM disconnects', async () => {
+  const pki = makePki(await tmpDir('pki-'));
+  const file = await tmpFile(64 * MiB);
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', file]);
+  const fg = await startForeground(['-L', '--tls-certificates', pki, `127.0.0.1:${server.port}`, '/dev/nbd3']);
+  assert.match(fg.stdout(), /^\/dev\/nbd3 attached: 64 MiB .*export \(default\) over TLS, block size \d+, ioctl\n/);
+  const sums = await fillFilesystem(mounts, '/dev/nbd3');
+  await verifyFilesystem(mounts, '/dev/nbd3', sums);
+  assert.equal(await sha256('/dev/nbd3'), await sha256(file), "the server's file holds what went through the relay");
+  process.kill(fg.child.pid!, 'SIGTERM');
+  const ended = await fg.exit;
+  assert.equal(ended.code, 0, fg.stderr());
+  await waitFor(() => sysPid(3) === undefined, 10_000, { what: 'nbd3 free after SIGTERM' });
   await server.stop();
 });
