@@ -17,7 +17,7 @@ import { TransmissionFlag } from '../protocol/constants.ts';
 import type { Connection } from '../client/negotiate.ts';
 import * as libc from '../../native-bindings/libc.ts';
 import { GenlSocket, NetlinkError, NetlinkTimeoutError } from '../../native-bindings/netlink.ts';
-import { NBD_GENL_FAMILY_NAME, NbdIoctl } from './constants.ts';
+import { BLKROSET, NBD_GENL_FAMILY_NAME, NbdIoctl } from './constants.ts';
 import { type GenlMessage, encodeConnect, encodeDisconnect, parseIndex } from './netlink-codec.ts';
 import { chooseBlockSize } from './blocksize.ts';
 import {
@@ -238,6 +238,10 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
 
   const readyTimeout = opts.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS;
   if (iface === 'netlink') {
+    // A writable attach must not inherit the device's own read-only flag (BLKROSET) from an earlier
+    // -R -L attach or `blockdev --setro`: it outlives disconnects. Cleared now, while the device is
+    // not connected (opening it does no I/O); an auto-picked device is cleared when it is opened below.
+    if (dev && !readOnly) clearReadOnlyFlag(dev.path);
     const identifier = opts.identifier ?? randomUUID();
     const serverFlags = readOnly ? info.flags | TransmissionFlag.READ_ONLY : info.flags;
     const context = `size ${info.size}, block size ${blockSize}, ${fds.length} socket(s)`;
@@ -290,7 +294,7 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
       throw new NbdError('NBD_E_KERNEL_TIMEOUT', `attach: ${device} did not become ready within ${readyTimeout} ms (no pid/size in /sys/block/nbd${index}): disconnected it again; see dmesg`);
     }
     nl!.close();
-    await scanPartitions(device);
+    await scanPartitions(device, dev === undefined && !readOnly);
     debug('attached %s via netlink', device);
     return { index, device, interface: 'netlink', blockSize, sizeBytes: info.size, readOnly, identifier };
   }
@@ -312,10 +316,28 @@ const PARTITION_SCAN_WAIT_MS = 10_000;
  * partitions exist when attach returns. Asynchronous on purpose: the open reads from the server,
  * which for local attach is this very process. Bounded: a slow server does not hold attach up.
  */
-async function scanPartitions(devicePath: string): Promise<void> {
+/** BLKROSET 0 on the device node (best effort: a failure only leaves it as it was). */
+function clearReadOnlyFlag(devicePath: string, fd?: number): void {
+  let own = -1;
+  try {
+    if (fd === undefined) own = fs.openSync(devicePath, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    libc.ioctl(fd ?? own, BLKROSET, Buffer.alloc(4), 'BLKROSET');
+  } catch (e) {
+    debug('clearing the read-only flag of %s: %s', devicePath, (e as Error).message);
+  } finally {
+    if (own >= 0) fs.closeSync(own);
+  }
+}
+
+async function scanPartitions(devicePath: string, clearReadOnly = false): Promise<void> {
   if (!fs.existsSync(devicePath)) return;
+  // Opened off the event loop: the open reads the partition table through the connection, which
+  // may be relayed by this very process (TLS, local attach).
   const open = fs.promises.open(devicePath, fs.constants.O_RDONLY).then(
-    (fh) => fh.close().then(() => true),
+    (fh) => {
+      if (clearReadOnly) clearReadOnlyFlag(devicePath, fh.fd);
+      return fh.close().then(() => true);
+    },
     (e: Error) => {
       debug('partition scan open %s: %s', devicePath, e.message);
       return false;

@@ -64,12 +64,12 @@ function run(req: DoItRequest): void {
     io('SET_SIZE_BLOCKS', size / BigInt(req.blockSize));
     io('CLEAR_SOCK');
     io('SET_FLAGS', req.serverFlags);
-    if (req.readOnly) {
-      stage = 'ioctl(BLKROSET)';
-      const one = Buffer.alloc(4);
-      one.writeInt32LE(1);
-      libc.ioctl(devFd, BLKROSET, one, 'BLKROSET');
-    }
+    // Always set, both ways: the block device's own read-only flag outlives a disconnect, so an
+    // earlier -R attach would otherwise leave this one read-only (nbd-client sets it every time too).
+    stage = 'ioctl(BLKROSET)';
+    const ro = Buffer.alloc(4);
+    ro.writeInt32LE(req.readOnly ? 1 : 0);
+    libc.ioctl(devFd, BLKROSET, ro, 'BLKROSET');
     if (req.timeout > 0) io('SET_TIMEOUT', req.timeout);
     io('SET_SOCK', sockFd);
     closeSock(); // the kernel holds its own reference now

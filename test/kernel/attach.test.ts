@@ -129,6 +129,24 @@ test('-R on a writable export (netlink and ioctl): the kernel refuses writes', a
   await assertWritesRefused('/dev/nbd4', sum, () => sha256(file));
   assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
   assert.equal((await fg.exit).code, 0);
+  // -R leaves nothing behind: the same device attached again without it is writable (the block
+  // device's own read-only flag, set by BLKROSET in ioctl mode, outlives the disconnect).
+  const writable = async (how: string): Promise<void> => {
+    assert.equal(readFileSync('/sys/block/nbd4/ro', 'utf8').trim(), '0', `${how}: sysfs ro`);
+    const w = await run('dd', ['if=/dev/zero', 'of=/dev/nbd4', 'bs=4096', 'count=1', 'oflag=direct', 'conv=notrunc', 'status=none']);
+    assert.equal(w.code, 0, `${how}: a write after an earlier -R attach: ${w.stderr}`);
+  };
+  const again = await cli(['127.0.0.1', String(server.port), '/dev/nbd4']);
+  assert.equal(again.code, 0, show(again));
+  await writable('netlink after -R -L');
+  assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
+  const fg2 = await startForeground(['-R', '-L', '127.0.0.1', String(server.port), '/dev/nbd4']);
+  assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
+  assert.equal((await fg2.exit).code, 0);
+  const fg3 = await startForeground(['-L', '127.0.0.1', String(server.port), '/dev/nbd4']);
+  await writable('ioctl after -R -L');
+  assert.equal((await cli(['-d', '/dev/nbd4'])).code, 0);
+  assert.equal((await fg3.exit).code, 0);
 });
 
 test('block size: 512 by default, -b preferred takes the server preference, -b N overrides, a conflict is explained', async () => {
