@@ -14,7 +14,7 @@ export function addSupervisorOptions(cmd: Command): Command {
   return cmd
     .option('-n, --foreground', 'stay in the foreground and log to stderr (systemd); default: return once the device is usable, the supervisor logging to /var/log/nbd-attach/nbdN.log (or /run/nbd-attach/ when /var/log is read-only)')
     .addOption(
-      new Option('--dead-timeout <seconds>', `how long I/O waits in the kernel for a reconnect before failing with EIO (default ${DEFAULT_DEAD_TIMEOUT_S}; request timeout -t defaults to ${DEFAULT_REQUEST_TIMEOUT_S})`).argParser(
+      new Option('-T, --dead-timeout <seconds>', `how long I/O waits in the kernel for a reconnect before failing with EIO (default ${DEFAULT_DEAD_TIMEOUT_S}; request timeout -t defaults to ${DEFAULT_REQUEST_TIMEOUT_S})`).argParser(
         intIn('dead timeout', 0, 0x7fffffff),
       ),
     )

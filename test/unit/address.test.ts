@@ -85,3 +85,27 @@ test('TLS options: any of them turns TLS on; they override the URI; none leaves 
   assert.equal(resolveTarget('h:1', undefined, base).target.tls, false);
   assert.deepEqual(resolveTarget(undefined, undefined, { ...base, unix: '/s', tls: true }).target.tls, {});
 });
+
+test("nbd-client's attach options, short and single-dash long, reach attach with their values", async () => {
+  const { buildProgram } = await import('../../src/cli.ts');
+  const parse = async (argv: string[]): Promise<Record<string, unknown>> => {
+    const program = buildProgram();
+    program.exitOverride();
+    let seen: Record<string, unknown> = {};
+    const attach = program.commands.find((c) => c.name() === 'attach')!;
+    attach.exitOverride();
+    attach.action((_a, _b, _c, opts: Record<string, unknown>) => void (seen = opts));
+    await program.parseAsync(normalizeArgv(argv, program.commands.map((c) => c.name())), { from: 'user' });
+    return seen;
+  };
+  const short = await parse(['srv', 'nbd0', '-T', '30', '-t', '5', '-C', '2', '-p', '-s', '-m', '-x', '-A', '/ca', '-F', '/c', '-K', '/k', '-H', 'name', '-b', '4096', '-N', 'e', '-R', '-g']);
+  assert.deepEqual(
+    [short.deadTimeout, short.timeout, short.connections, short.persist, short.swap, short.systemdMark, short.tls, short.cacertfile, short.certfile, short.keyfile, short.tlshostname, short.blockSize, short.name, short.readOnly, short.optgo],
+    [30, 5, 2, true, true, true, true, '/ca', '/c', '/k', 'name', 4096, 'e', true, false],
+  );
+  const long = await parse(['srv', 'nbd0', '-dead-timeout', '30', '-persist', '-swap', '-systemd-mark', '-enable-tls', '-cacertfile', '/ca', '-certfile', '/c', '-keyfile', '/k', '-tlshostname', 'name', '-readonly', '-nofork']);
+  assert.deepEqual(
+    [long.deadTimeout, long.persist, long.swap, long.systemdMark, long.tls, long.cacertfile, long.certfile, long.keyfile, long.tlshostname, long.readOnly, long.foreground],
+    [30, true, true, true, true, '/ca', '/c', '/k', 'name', true, true],
+  );
+});
