@@ -8,10 +8,12 @@
 //     (issue: ≥ 1.0× nbd-server, ≥ 0.9× nbdkit file).
 //  4. reconnect: median time from the server accepting again to fresh I/O completing (target ≤ 1 s at
 //     default settings), and the worst stall of I/O across the outage.
+//  5. TLS throughput: our client's relay vs nbd-client's TLS proxy (-x), same nbdkit --tls=require.
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, startOurServer, tmpFile, waitFor, cleanup, type ServerHandle } from '../kernel/lib.ts';
+import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, startOurServer, tmpDir, tmpFile, waitFor, cleanup, type ServerHandle } from '../kernel/lib.ts';
+import { makePki } from '../lib/servers.ts';
 
 requireGuest();
 const CLI = join(process.cwd(), 'bin/nbd-attach.js');
@@ -78,8 +80,8 @@ const figure = (job: (typeof JOBS)[number], r: FioResult): number =>
   job.bs === '4k' ? (job.rw.includes('read') ? r.readIops : r.writeIops) : job.rw.includes('read') ? r.readMBs : r.writeMBs;
 const unit = (job: (typeof JOBS)[number]): string => (job.bs === '4k' ? 'IOPS' : 'MB/s');
 
-async function withNbdClient<T>(port: number, name: string, fn: (dev: string) => Promise<T>): Promise<T> {
-  await mustRun('nbd-client', ['127.0.0.1', String(port), '/dev/nbd2', ...(name ? ['-N', name] : [])], { timeoutMs: 60_000 });
+async function withNbdClient<T>(port: number, name: string, fn: (dev: string) => Promise<T>, extra: readonly string[] = []): Promise<T> {
+  await mustRun('nbd-client', ['127.0.0.1', String(port), '/dev/nbd2', ...(name ? ['-N', name] : []), ...extra], { timeoutMs: 60_000 });
   try {
     return await fn('/dev/nbd2');
   } finally {
@@ -87,8 +89,8 @@ async function withNbdClient<T>(port: number, name: string, fn: (dev: string) =>
   }
 }
 
-async function withNbdAttach<T>(port: number, fn: (dev: string) => Promise<T>): Promise<T> {
-  await mustRun(process.execPath, [CLI, '127.0.0.1', String(port), '/dev/nbd3'], { timeoutMs: 60_000 });
+async function withNbdAttach<T>(port: number, fn: (dev: string) => Promise<T>, extra: readonly string[] = []): Promise<T> {
+  await mustRun(process.execPath, [CLI, '127.0.0.1', String(port), '/dev/nbd3', ...extra], { timeoutMs: 60_000 });
   try {
     return await fn('/dev/nbd3');
   } finally {
@@ -102,6 +104,19 @@ async function clientThroughput(): Promise<void> {
     const ref = figure(job, await withNbdClient(srv.port, '', (d) => fio(d, job)));
     const ours = figure(job, await withNbdAttach(srv.port, (d) => fio(d, job)));
     report(`client ${job.name.padEnd(19)} nbd-attach ${ours.toFixed(0)} vs nbd-client ${ref.toFixed(0)} ${unit(job)} = ${ratio(ours, ref)}`);
+  }
+  await srv.stop();
+}
+
+/** The same fio jobs over TLS: our relay in the supervisor vs nbd-client's TLS proxy, one nbdkit. */
+async function tlsThroughput(): Promise<void> {
+  const pki = makePki(await tmpDir('pki-'));
+  const ca = join(pki, 'ca-cert.pem');
+  const srv = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'memory', '64M']);
+  for (const job of JOBS) {
+    const ref = figure(job, await withNbdClient(srv.port, '', (d) => fio(d, job), ['-x', '-A', ca]));
+    const ours = figure(job, await withNbdAttach(srv.port, (d) => fio(d, job), ['-x', '-A', ca]));
+    report(`tls ${job.name.padEnd(22)} nbd-attach ${ours.toFixed(0)} vs nbd-client -x ${ref.toFixed(0)} ${unit(job)} = ${ratio(ours, ref)}`);
   }
   await srv.stop();
 }
@@ -214,6 +229,7 @@ const allSections: [string, () => Promise<void>][] = [
   ['client throughput', clientThroughput],
   ['server throughput', serverThroughput],
   ['reconnect', reconnect],
+  ['tls throughput', tlsThroughput],
 ];
 // BENCH_ONLY=reconnect (or a comma-separated list of section names) runs only those.
 const only = (process.env.BENCH_ONLY ?? '').split(',').map((x) => x.trim()).filter(Boolean);
