@@ -1,5 +1,6 @@
 // Option parsing shared by the commands that talk to a server (attach, list, info, …).
 
+import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { type Target, type TlsSettings, parseAddress } from '../address.ts';
 import { NbdError } from '../errors.ts';
@@ -88,7 +89,14 @@ export function tlsFromOptions(fromUri: Target['tls'], opts: ServerOptions): Tar
   if (opts.tlsUsername !== undefined) given.username = opts.tlsUsername;
   if (opts.tlsVerify === false) given.verifyPeer = false;
   if (fromUri === false && opts.tls !== true && Object.keys(given).length === 0) return false;
-  return { ...(fromUri || {}), ...given };
+  const merged: TlsSettings = { ...(fromUri || {}), ...given };
+  // Absolute paths: the supervisor's state file keeps them for reconnects and a later --reattach
+  // run from another directory.
+  for (const k of ['caFile', 'certFile', 'keyFile', 'certificatesDir', 'pskFile'] as const) {
+    const v = merged[k];
+    if (v !== undefined) merged[k] = path.resolve(v);
+  }
+  return merged;
 }
 
 /** 1073741824 → "1 GiB" (one formatter: src/server/size.ts); exact bytes are printed alongside where it matters. */

@@ -1,5 +1,6 @@
 // Addresses, URIs (doc/uri.md examples) and the nbd-client argv forms.
 
+import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseAddress, parseUri, describeEndpoint } from '../../src/address.ts';
@@ -84,6 +85,12 @@ test('TLS options: any of them turns TLS on; they override the URI; none leaves 
   assert.deepEqual(target.tls, { hostname: 'b' });
   assert.equal(resolveTarget('h:1', undefined, base).target.tls, false);
   assert.deepEqual(resolveTarget(undefined, undefined, { ...base, unix: '/s', tls: true }).target.tls, {});
+  // Relative paths become absolute (the state file keeps them for a --reattach from elsewhere).
+  assert.deepEqual(tlsFromOptions({ certificatesDir: 'pki' }, { ...base, cacertfile: 'ca.pem', tlsPsk: './k.psk' }), {
+    certificatesDir: path.resolve('pki'),
+    caFile: path.resolve('ca.pem'),
+    pskFile: path.resolve('k.psk'),
+  });
 });
 
 test("nbd-client's attach options, short and single-dash long, reach attach with their values", async () => {
