@@ -59,15 +59,9 @@ export async function startForeground(args: readonly string[]): Promise<Foregrou
   );
   let exited = false;
   void exit.then(() => (exited = true));
-  await waitFor(
-    () => {
-      if (/ attached: /.test(out)) return true;
-      if (exited) throw new Error(`nbd-attach exited before attaching\nstdout: ${out}\nstderr: ${err}`);
-      return false;
-    },
-    CLI_TIMEOUT_MS,
-    { what: 'ioctl attach ready', intervalMs: 100 },
-  );
+  // Exiting before attaching fails the test at once (waitFor would keep polling past a thrown error).
+  await waitFor(() => / attached: /.test(out) || exited, CLI_TIMEOUT_MS, { what: 'ioctl attach ready', intervalMs: 100 });
+  if (!/ attached: /.test(out)) throw new Error(`nbd-attach exited before attaching\nstdout: ${out}\nstderr: ${err}`);
   return { child, device: attachedDevice(out), stdout: () => out, stderr: () => err, exit };
 }
 
