@@ -270,7 +270,8 @@ test('IPv6 loopback [::1]', async (t) => {
       x.listen(0, '::1', () => x.close(() => res(true)));
     });
     assert.equal(hasV6, false, `nbdkit failed on ::1 although IPv6 loopback works: ${(e as Error).message}`);
-    t.diagnostic('no IPv6 loopback on this machine');
+    // Reported as skipped (run-all.sh counts skips), never as passed.
+    t.skip('no IPv6 loopback on this machine');
     return;
   }
   const r = await runCli(['info', '--json', `[::1]:${s.port}`]);
