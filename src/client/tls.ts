@@ -14,8 +14,7 @@ import createDebug from 'debug';
 import type { Endpoint, TlsSettings } from '../address.ts';
 import { NbdError } from '../errors.ts';
 import { loadPskFile } from '../tls-files.ts';
-import * as libc from '../../native-bindings/libc.ts';
-import { AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM } from '../kernel/constants.ts';
+import { socketPair } from '../socket-pair.ts';
 
 const debug = createDebug('nbd:tls');
 
@@ -124,23 +123,7 @@ export function startTls(socket: net.Socket, options: tls.ConnectionOptions, whe
  * takeSocketFd). The relay lives as long as both sides do.
  */
 export function relayForKernel(secure: tls.TLSSocket, where: string): net.Socket {
-  const [nearFd, kernelFd] = libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC);
-  let near: net.Socket;
-  let kernelSide: net.Socket;
-  try {
-    near = new net.Socket({ fd: nearFd, readable: true, writable: true });
-  } catch (e) {
-    libc.close(nearFd);
-    libc.close(kernelFd);
-    throw e;
-  }
-  try {
-    kernelSide = new net.Socket({ fd: kernelFd, readable: true, writable: true });
-  } catch (e) {
-    near.destroy();
-    libc.close(kernelFd);
-    throw e;
-  }
+  const [near, kernelSide] = socketPair();
   kernelSide.pause();
   let ended = false;
   const end = (why: string) => (err?: Error): void => {
@@ -161,6 +144,6 @@ export function relayForKernel(secure: tls.TLSSocket, where: string): net.Socket
   near.on('close', end('kernel side closed'));
   secure.pipe(near);
   near.pipe(secure);
-  debug('relaying %s for the kernel (socketpair %d/%d)', where, nearFd, kernelFd);
+  debug('relaying %s for the kernel (socketpair)', where);
   return kernelSide;
 }

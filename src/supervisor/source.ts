@@ -4,14 +4,12 @@
 // the kernel). The supervisor only ever calls `connect()`, so a local device is supervised exactly
 // like a remote one: a connection the kernel declares dead is replaced with a fresh socketpair.
 
-import net from 'node:net';
 import path from 'node:path';
 import createDebug from 'debug';
 import { type Endpoint, type Target, type TlsSettings, describeEndpoint } from '../address.ts';
 import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
-import * as libc from '../../native-bindings/libc.ts';
-import { AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM } from '../kernel/constants.ts';
+import { socketPair } from '../socket-pair.ts';
 import { type ServedConnection, type ServedExport, fileExport, memoryExport, parseSize, serveConnection } from '../server/index.ts';
 import { tuneSocket } from './kernel-ops.ts';
 
@@ -95,30 +93,14 @@ export async function localSource(opts: LocalSourceOptions): Promise<ConnectionS
     exportName: '',
     async connect(timeoutMs) {
       if (closed) throw new NbdError('NBD_E_FAILURE', `${server}: the local server is closed`);
-      const [serverFd, clientFd] = libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC);
-      let serverSock: net.Socket;
-      let clientSock: net.Socket;
-      try {
-        serverSock = new net.Socket({ fd: serverFd, readable: true, writable: true });
-      } catch (e) {
-        libc.close(serverFd);
-        libc.close(clientFd);
-        throw e;
-      }
-      try {
-        clientSock = new net.Socket({ fd: clientFd, readable: true, writable: true });
-      } catch (e) {
-        serverSock.destroy();
-        libc.close(clientFd);
-        throw e;
-      }
+      const [serverSock, clientSock] = socketPair();
       const conn = serveConnection(serverSock, [exp]);
       served.add(conn);
       void conn.done.then(() => {
         served.delete(conn);
         debug('local connection closed: %s', conn.closeReason ?? 'peer closed');
       });
-      debug('socketpair %d (server) / %d (kernel side)', serverFd, clientFd);
+      debug('new local connection (socketpair)');
       return negotiateOn(clientSock, { exportName: '', timeoutMs }, server);
     },
     close() {
