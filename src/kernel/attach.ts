@@ -309,13 +309,6 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
 /** How long attach waits for the partition scan before returning anyway. */
 const PARTITION_SCAN_WAIT_MS = 10_000;
 
-/**
- * The kernel reads the partition table of a newly sized nbd device on its next open (nbd_set_size
- * sets GD_NEED_PART_SCAN). With udev something opens it at once; on a machine without udev
- * (diskless boot) nothing does, and /dev/nbd0p1 would not appear. Open it once, read-only, so the
- * partitions exist when attach returns. Asynchronous on purpose: the open reads from the server,
- * which for local attach is this very process. Bounded: a slow server does not hold attach up.
- */
 /** BLKROSET 0 on the device node (best effort: a failure only leaves it as it was). */
 function clearReadOnlyFlag(devicePath: string, fd?: number): void {
   let own = -1;
@@ -329,6 +322,14 @@ function clearReadOnlyFlag(devicePath: string, fd?: number): void {
   }
 }
 
+/**
+ * The kernel reads the partition table of a newly sized nbd device on its next open (nbd_set_size
+ * sets GD_NEED_PART_SCAN). With udev something opens it at once; on a machine without udev
+ * (diskless boot) nothing does, and /dev/nbd0p1 would not appear. Open it once, read-only, so the
+ * partitions exist when attach returns. Asynchronous on purpose: the open reads from the server,
+ * which for local attach is this very process. Bounded: a slow server does not hold attach up.
+ * `clearReadOnly`: BLKROSET 0 through that open (an auto-picked device is known only now).
+ */
 async function scanPartitions(devicePath: string, clearReadOnly = false): Promise<void> {
   if (!fs.existsSync(devicePath)) return;
   // Opened off the event loop: the open reads the partition table through the connection, which

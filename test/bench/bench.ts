@@ -80,8 +80,13 @@ const figure = (job: (typeof JOBS)[number], r: FioResult): number =>
   job.bs === '4k' ? (job.rw.includes('read') ? r.readIops : r.writeIops) : job.rw.includes('read') ? r.readMBs : r.writeMBs;
 const unit = (job: (typeof JOBS)[number]): string => (job.bs === '4k' ? 'IOPS' : 'MB/s');
 
+/** nbd-client 127.0.0.1 PORT DEV [-N NAME] [EXTRA…]: attach a device for fio. */
+async function nbdClientAttach(port: number, name: string, dev: string, extra: readonly string[] = []): Promise<void> {
+  await mustRun('nbd-client', ['127.0.0.1', String(port), dev, ...(name ? ['-N', name] : []), ...extra], { timeoutMs: 60_000 });
+}
+
 async function withNbdClient<T>(port: number, name: string, fn: (dev: string) => Promise<T>, extra: readonly string[] = []): Promise<T> {
-  await mustRun('nbd-client', ['127.0.0.1', String(port), '/dev/nbd2', ...(name ? ['-N', name] : []), ...extra], { timeoutMs: 60_000 });
+  await nbdClientAttach(port, name, '/dev/nbd2', extra);
   try {
     return await fn('/dev/nbd2');
   } finally {
@@ -140,12 +145,12 @@ async function serverThroughput(): Promise<void> {
     { name: 'nbd-server', start: async () => startNbdServer(`[disk]\nexportname = ${img}\n`) as Promise<ServerHandle>, export: 'disk', dev: '/dev/nbd4' },
     { name: 'nbdkit file', start: () => startNbdkit(['file', img]), export: '', dev: '/dev/nbd5' },
   ];
-  const servers: ((typeof defs)[number] & { srv: { port: number; stop(): Promise<void> } })[] = [];
+  const servers: { name: string; dev: string; srv: { port: number; stop(): Promise<void> } }[] = [];
   try {
     for (const d of defs) {
       const srv = await d.start();
-      servers.push({ ...d, srv });
-      await mustRun('nbd-client', ['127.0.0.1', String(srv.port), d.dev, ...(d.export ? ['-N', d.export] : [])], { timeoutMs: 60_000 });
+      servers.push({ name: d.name, dev: d.dev, srv });
+      await nbdClientAttach(srv.port, d.export, d.dev);
     }
     for (const s of servers) for (const job of JOBS) await fio(s.dev, job, SERVER_WARM);
     const runs = new Map<string, number[]>(); // "server/job" -> figures
