@@ -43,6 +43,9 @@ interface Bindings {
   preadv2: Fn;
   pread: Fn;
   pwrite: Fn;
+  mmap: Fn;
+  munmap: Fn;
+  mincore: Fn;
   fallocateAsync: Fn;
   setsockopt: Fn;
   getsockopt: Fn;
@@ -87,6 +90,10 @@ function lib(): Bindings {
     fallocateAsync: (fallocate as unknown as { async: Fn }).async,
     pread: f('intptr_t pread(int fd, _Out_ void *buf, size_t count, int64_t offset)'),
     pwrite: f('intptr_t pwrite(int fd, const void *buf, size_t count, int64_t offset)'),
+    // Pointers are BigInt addresses in koffi 3 (mmap's result, mincore's and munmap's arguments).
+    mmap: f('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
+    munmap: f('int munmap(void *addr, size_t length)'),
+    mincore: f('int mincore(void *addr, size_t length, _Out_ uint8_t *vec)'),
     setsockopt: f('int setsockopt(int fd, int level, int optname, const void *optval, uint32_t optlen)'),
     getsockopt: f('int getsockopt(int fd, int level, int optname, _Out_ void *optval, _Inout_ uint32_t *optlen)'),
     mknod: f('int mknod(const char *path, uint32_t mode, uint64_t dev)'),
@@ -201,6 +208,56 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number {
 }
 export function pwrite(fd: number, buf: Uint8Array, offset: number): number {
   return check(lib().pwrite(fd, buf, buf.length, offset), 'pwrite');
+}
+
+/** include/uapi/asm-generic/mman-common.h (PROT_READ, PROT_WRITE) and linux/mman.h (MAP_SHARED). */
+const PROT_READ = 0x1;
+const PROT_WRITE = 0x2;
+const MAP_SHARED = 0x01;
+/** mmap's MAP_FAILED, (void *) -1, as koffi returns it. */
+const MAP_FAILED = 0xffffffffffffffffn;
+
+/** A shared, writable mapping of part of a file: `buf` is its memory (not owned by V8). */
+export interface Mapping {
+  readonly addr: bigint;
+  readonly length: number;
+  readonly buf: Buffer;
+}
+
+/**
+ * mmap(2) `length` bytes of `fd` from `offset` (a multiple of the page size), shared and writable:
+ * stores into `buf` are stores into the file's page cache. A store to a page the file no longer has
+ * (truncated, or a hole that cannot be filled) raises SIGBUS, which kills the process: check
+ * `resident` first. Release with `unmap`; `buf` must not be touched after that.
+ */
+export function mapShared(fd: number, offset: number, length: number): Mapping {
+  const b = lib();
+  const addr = b.mmap(null, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset) as bigint;
+  if (addr === MAP_FAILED || addr === -1n) throw new SyscallError('mmap', b.koffi.errno());
+  return { addr, length, buf: Buffer.from(b.koffi.view(addr, length)) };
+}
+
+export function unmap(m: Mapping): void {
+  check(lib().munmap(m.addr, m.length), 'munmap');
+}
+
+let pageSize = 0;
+/** mincore's result vector, one byte per page; sized for the largest range asked so far. */
+let coreVec = new Uint8Array(0);
+
+/**
+ * mincore(2): is every page of [offset, offset + length) of the mapping in memory? On tmpfs a page
+ * in memory is allocated, so storing into it cannot fail (a hole, or a page swapped out, is not).
+ */
+export function resident(m: Mapping, offset: number, length: number): boolean {
+  const b = lib();
+  pageSize ||= b.getpagesize() as number;
+  const first = Math.floor(offset / pageSize) * pageSize;
+  const pages = Math.ceil((offset + length - first) / pageSize);
+  if (coreVec.length < pages) coreVec = new Uint8Array(pages);
+  check(b.mincore(m.addr + BigInt(first), pages * pageSize, coreVec), 'mincore');
+  for (let i = 0; i < pages; i++) if ((coreVec[i]! & 1) === 0) return false;
+  return true;
 }
 
 /** Mode bits of fallocate(2), include/uapi/linux/falloc.h. */

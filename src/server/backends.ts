@@ -19,7 +19,16 @@ const zeros = (): Buffer => (zeroBlock ??= Buffer.alloc(ZERO_BLOCK));
 
 export interface FileBackendOptions {
   readOnly?: boolean;
+  /** Bytes per mapping of a tmpfs/ramfs file for `writeTarget` (default MAP_WINDOW; smaller in tests). */
+  mapWindow?: number;
 }
+
+/**
+ * A writable file on tmpfs/ramfs is mapped (mmap, MAP_SHARED) in windows of this size, made when a
+ * WRITE first falls in one, so WRITE payloads are received straight into its pages (writeTarget).
+ * Node 20 caps a Buffer at 4 GiB; a payload spanning two windows uses the ordinary path.
+ */
+export const MAP_WINDOW = 256 * 1024 * 1024;
 
 /** Size of a block device from sysfs (stat reports 0): /sys/dev/block/MAJ:MIN/size in 512-byte sectors. */
 async function blockDeviceSize(rdev: number, path: string): Promise<number> {
@@ -56,7 +65,7 @@ export async function openFileBackend(path: string, opts: FileBackendOptions = {
     await fh.close();
     throw new NbdError('NBD_E_USAGE', `open ${path}: not a regular file or block device`);
   }
-  return new FileBackend(fh, path, size, readOnly, st.isFile() && (await inMemoryFileSystem(path)));
+  return new FileBackend(fh, path, size, readOnly, st.isFile() && (await inMemoryFileSystem(path)), opts.mapWindow);
 }
 
 /** Magic numbers of RAM-backed file systems, include/uapi/linux/magic.h (TMPFS_MAGIC, RAMFS_MAGIC). */
@@ -94,6 +103,15 @@ class FileBackend implements Backend {
   private readonly guard: InlineGuard | undefined;
   /** False once the FFI turned out to be unavailable: then only the pool paths are used. */
   private ffi = true;
+  /** writeTarget may map the file (writable, on tmpfs/ramfs); false after a mapping failed. */
+  private mappable: boolean;
+  private readonly windows: (libc.Mapping | undefined)[] = [];
+  /** Targets handed out by writeTarget and not yet done, with their file offsets. */
+  private readonly targets = new Map<Buffer, number>();
+  /** Ranges being deallocated by fallocate ([start, end)): no target is handed out over them. */
+  private readonly punches: [number, number][] = [];
+  /** fallocate calls waiting for targets over their range to be done. */
+  private waiters: (() => void)[] = [];
 
   constructor(
     private readonly fh: FileHandle,
@@ -102,8 +120,10 @@ class FileBackend implements Backend {
     readonly readOnly: boolean,
     /** On tmpfs/ramfs: every call runs inline, untimed (a clock read costs ~12 µs under emulation). */
     inMemory = false,
+    private readonly mapWindow = MAP_WINDOW,
   ) {
     this.description = `file ${resolve(path)}`;
+    this.mappable = inMemory && !readOnly && size > 0;
     this.nowaitReads = !inMemory;
     this.guard = inMemory ? undefined : new InlineGuard();
   }
@@ -165,6 +185,60 @@ class FileBackend implements Backend {
     });
   }
 
+  /**
+   * The file's own pages for a WRITE payload, on tmpfs/ramfs only: there a page in memory is
+   * allocated, so a store into it cannot fail, and nothing waits for a disk. A range with a hole or
+   * a swapped-out page (mincore) is left to `write`, which allocates it or reports ENOSPC; a store
+   * into such a page through the mapping would raise SIGBUS instead. On a disk file a store could
+   * wait for writeback on the event loop, so those are never mapped.
+   */
+  writeTarget(offset: number, length: number): Buffer | undefined {
+    if (!this.mappable || !this.ffi) return undefined;
+    for (const [s, e] of this.punches) if (offset < e && s < offset + length) return undefined;
+    const w = Math.floor(offset / this.mapWindow);
+    if (Math.floor((offset + length - 1) / this.mapWindow) !== w) return undefined;
+    const base = w * this.mapWindow;
+    let m = this.windows[w];
+    try {
+      if (!m) m = this.windows[w] = libc.mapShared(this.fh.fd, base, Math.min(this.mapWindow, this.size - base));
+      if (!libc.resident(m, offset - base, length)) return undefined;
+    } catch {
+      this.mappable = false; // no FFI, or the kernel refused the mapping: plain writes from now on
+      return undefined;
+    }
+    const target = m.buf.subarray(offset - base, offset - base + length);
+    this.targets.set(target, offset);
+    return target;
+  }
+
+  writeTargetDone(target: Buffer): void {
+    if (!this.targets.delete(target) || this.waiters.length === 0) return;
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /**
+   * Run fallocate over [offset, offset + length) once no payload is being received into that range
+   * through a mapping, and hand out no target over it meanwhile. fallocate may deallocate pages
+   * (PUNCH_HOLE); a store into one of them through the mapping would allocate it again, and on a
+   * full tmpfs that raises SIGBUS instead of returning ENOSPC.
+   */
+  private async punching<T>(offset: number, length: number, fn: () => Promise<T>): Promise<T> {
+    const range: [number, number] = [offset, offset + length];
+    this.punches.push(range);
+    try {
+      const overlaps = (): boolean => {
+        for (const [t, o] of this.targets) if (o < range[1] && range[0] < o + t.length) return true;
+        return false;
+      };
+      while (this.targets.size > 0 && overlaps()) await new Promise<void>((wake) => this.waiters.push(wake));
+      return await fn();
+    } finally {
+      this.punches.splice(this.punches.indexOf(range), 1);
+    }
+  }
+
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     let done = 0;
     while (done < data.length) {
@@ -181,7 +255,7 @@ class FileBackend implements Backend {
   private async falloc(mode: number, offset: number, length: number): Promise<boolean> {
     if (this.unsupportedFalloc & mode) return false;
     try {
-      await libc.fallocateAsync(this.fh.fd, mode, offset, length);
+      await this.punching(offset, length, () => libc.fallocateAsync(this.fh.fd, mode, offset, length));
       return true;
     } catch (err) {
       if (err instanceof libc.SyscallError && err.code !== 'EOPNOTSUPP' && err.code !== 'ENOSYS') throw err;
@@ -218,6 +292,8 @@ class FileBackend implements Backend {
   }
 
   async close(): Promise<void> {
+    this.mappable = false;
+    for (const m of this.windows.splice(0)) if (m) libc.unmap(m);
     await this.fh.close();
   }
 }
@@ -274,6 +350,19 @@ export class MemoryBackend implements Backend {
 
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     this.writeNow(offset, data, fua);
+  }
+
+  /** The chunk itself (allocated now if untouched) when the range lies within one chunk. */
+  writeTarget(offset: number, length: number): Buffer | undefined {
+    const idx = Math.floor(offset / MEMORY_CHUNK);
+    const within = offset - idx * MEMORY_CHUNK;
+    if (length === 0 || within + length > MEMORY_CHUNK) return undefined;
+    let c = this.chunks.get(idx);
+    if (!c) {
+      c = Buffer.alloc(MEMORY_CHUNK);
+      this.chunks.set(idx, c);
+    }
+    return c.subarray(within, within + length);
   }
 
   async writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {

@@ -29,6 +29,16 @@ export interface Backend {
   /** Optional fast path for `write`, as `readNow`: `data` may be reused by the caller once it returns. */
   writeNow?(offset: number, data: Uint8Array, fua: boolean): boolean;
   /**
+   * Optional: the storage itself for [offset, offset + length), as a buffer a WRITE payload can be
+   * received straight into (the socket's bytes land in the file's pages or the memory chunk, with no
+   * copy and no separate write). Once the bytes are there the write is done; FUA still needs `flush`.
+   * Undefined when the range cannot be offered safely: the caller then uses `write`. Only asked for
+   * writes that passed every check (in range, export writable). Every buffer returned must be given
+   * back to `writeTargetDone` once the payload is in it or will not come (connection closed).
+   */
+  writeTarget?(offset: number, length: number): Buffer | undefined;
+  writeTargetDone?(target: Buffer): void;
+  /**
    * Must leave the range reading back as zeros. `mayTrim`: the client allows deallocating the range
    * (NBD_CMD_FLAG_NO_HOLE not set, proto.md "NBD_CMD_WRITE_ZEROES").
    */

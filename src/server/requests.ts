@@ -10,15 +10,17 @@ export type Incoming =
   /**
    * A request; WRITE carries its payload (a view into the received chunk when it fit in one).
    * `transient`: the payload is a view of memory the reader's owner reuses (a read buffer), valid
-   * only until it is handed more input; copy it to keep it longer.
+   * only until it is handed more input; copy it to keep it longer. `placed`: the payload was
+   * received straight into the buffer the `place` hook gave (the export's storage): not the
+   * reader's to recycle.
    */
-  | { kind: 'request'; req: Request; payload?: Buffer; transient?: boolean }
+  | { kind: 'request'; req: Request; payload?: Buffer; transient?: boolean; placed?: boolean }
   /** A WRITE longer than the maximum payload: its data was read and discarded, answer EINVAL. */
   | { kind: 'discarded-write'; req: Request };
 
 type ReaderState =
   | { phase: 'header' }
-  | { phase: 'payload'; req: Request; buf: Buffer; filled: number }
+  | { phase: 'payload'; req: Request; buf: Buffer; filled: number; placed: boolean }
   | { phase: 'discard'; req: Request; remaining: number };
 
 export class RequestReader {
@@ -34,6 +36,11 @@ export class RequestReader {
      * (and payloads spanning several reads are assembled in `alloc`ed buffers).
      */
     private readonly reusedInput = false,
+    /**
+     * Where a WRITE's payload may be received directly instead (Backend.writeTarget): a buffer of
+     * exactly `req.length` bytes, or undefined to use `alloc`. Asked once per WRITE header.
+     */
+    private readonly place?: (req: Request) => Buffer | undefined,
   ) {}
 
   /**
@@ -70,6 +77,16 @@ export class RequestReader {
     return this.st.phase === 'payload' ? this.st.buf.length : 0;
   }
 
+  /**
+   * The stream has ended: drop any partial payload. Returns it when it was a `place`d target, which
+   * its owner must then be told about.
+   */
+  abandon(): Buffer | undefined {
+    const st = this.st;
+    this.st = { phase: 'header' };
+    return st.phase === 'payload' && st.placed ? st.buf : undefined;
+  }
+
   push(chunk: Uint8Array): void {
     this.queue.push(chunk);
   }
@@ -90,18 +107,27 @@ export class RequestReader {
             this.st = { phase: 'discard', req, remaining: req.length };
             continue;
           }
+          const target = this.place?.(req);
+          if (target) {
+            if (this.queue.length >= req.length) {
+              this.queue.copyInto(target, 0, req.length);
+              return { kind: 'request', req, payload: target, placed: true };
+            }
+            this.st = { phase: 'payload', req, buf: target, filled: 0, placed: true };
+            continue;
+          }
           if (this.queue.length >= req.length) {
             // Whole payload already here: a view when it sits in one chunk, else one copy.
             return { kind: 'request', req, payload: this.queue.take(req.length), ...(this.reusedInput && { transient: true }) };
           }
-          this.st = { phase: 'payload', req, buf: this.alloc(req.length), filled: 0 };
+          this.st = { phase: 'payload', req, buf: this.alloc(req.length), filled: 0, placed: false };
           continue;
         }
         case 'payload': {
           st.filled += this.queue.copyInto(st.buf, st.filled, st.buf.length - st.filled);
           if (st.filled < st.buf.length) return null;
           this.st = { phase: 'header' };
-          return { kind: 'request', req: st.req, payload: st.buf };
+          return st.placed ? { kind: 'request', req: st.req, payload: st.buf, placed: true } : { kind: 'request', req: st.req, payload: st.buf };
         }
         case 'discard': {
           st.remaining -= this.queue.skip(st.remaining);

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { Duplex } from 'node:stream';
 import { after, describe, it } from 'node:test';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Cmd, CmdFlag, Opt, Rep, RepErr, ReplyType, STRUCTURED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, WireErr } from '../../src/protocol/constants.ts';
@@ -589,6 +589,86 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     await c.close();
   });
 
+  it('large WRITEs to a tmpfs file go straight into its pages; FUA flushes; holes, wrong requests and small writes take the other paths', { timeout: TIMEOUT }, async () => {
+    const dir = mkdtempSync('/dev/shm/nbd-attach-placed-');
+    try {
+      const f = path.join(dir, 'disk.img');
+      writeFileSync(f, Buffer.alloc(2 << 20, 0x11));
+      truncateSync(f, 4 << 20); // the upper 2 MiB is a hole
+      const fb = await openFileBackend(f);
+      const seen = { placed: 0, done: 0, writes: 0, flushes: 0 };
+      // A spy around the real backend, so the test knows which path each WRITE took.
+      const backend: Backend = Object.assign(Object.create(fb) as Backend, {
+        writeTarget: (o: number, l: number) => {
+          const t = fb.writeTarget!(o, l);
+          if (t) seen.placed++;
+          return t;
+        },
+        writeTargetDone: (t: Buffer) => {
+          seen.done++;
+          fb.writeTargetDone!(t);
+        },
+        write: (o: number, d: Uint8Array, fua: boolean) => {
+          seen.writes++;
+          return fb.write(o, d, fua);
+        },
+        flush: () => {
+          seen.flushes++;
+          return fb.flush();
+        },
+      });
+      const srv = await serve({ exports: [makeExport(backend, 'rw'), makeExport(backend, 'ro', { readOnly: true })] });
+      const { c } = await RawClient.open(srv, 'rw');
+      const pattern = (n: number, seed: number): Buffer => {
+        const b = Buffer.alloc(n);
+        for (let i = 0; i < n; i += 4) b.writeUInt32BE((i * 2654435761 + seed) >>> 0, i);
+        return b;
+      };
+      const a = pattern(256 * 1024, 1);
+      const frame = Buffer.concat([encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: 1n, offset: 64n * 1024n, length: a.length }), a]);
+      for (let i = 0; i < frame.length; i += 50_000) c.socket.write(frame.subarray(i, i + 50_000)); // payload over several reads
+      assert.deepEqual(await c.reply(), { cookie: 1n, error: 0 });
+      assert.deepEqual(seen, { placed: 1, done: 1, writes: 0, flushes: 0 }, 'received into the file, no separate write');
+      const b = pattern(128 * 1024, 2);
+      c.send({ type: Cmd.WRITE, flags: CmdFlag.FUA, cookie: 2n, offset: 1024n * 1024n }, b);
+      assert.deepEqual(await c.reply(), { cookie: 2n, error: 0 });
+      assert.deepEqual(seen, { placed: 2, done: 2, writes: 0, flushes: 1 }, 'FUA: flushed before the reply');
+      const hole = pattern(128 * 1024, 3);
+      c.send({ type: Cmd.WRITE, cookie: 3n, offset: 3n << 20n }, hole);
+      assert.deepEqual(await c.reply(), { cookie: 3n, error: 0 });
+      assert.equal(seen.writes, 1, 'a hole is written through write() (it allocates, or fails with ENOSPC)');
+      c.send({ type: Cmd.WRITE, cookie: 4n, offset: (4n << 20n) - 4096n }, pattern(128 * 1024, 4));
+      assert.equal((await c.reply()).error, WireErr.ENOSPC, 'past the end');
+      c.send({ type: Cmd.WRITE, cookie: 5n, offset: 0n }, Buffer.from('small'));
+      assert.deepEqual(await c.reply(), { cookie: 5n, error: 0 });
+      assert.deepEqual({ placed: seen.placed, done: seen.done }, { placed: 2, done: 2 }, 'only the two large in-range writes to allocated pages were placed');
+      const ro = await RawClient.open(srv, 'ro');
+      ro.c.send({ type: Cmd.WRITE, cookie: 6n, offset: 0n }, pattern(128 * 1024, 6));
+      assert.equal((await ro.c.reply()).error, WireErr.EPERM);
+      await ro.c.close();
+      assert.equal(seen.placed, 2, 'a read-only export never offers the storage');
+      // A payload cut off by the client's close: its target is handed back (else TRIMs over it would wait forever).
+      c.socket.write(Buffer.concat([encodeRequest({ type: Cmd.WRITE, flags: 0, cookie: 7n, offset: 0n, length: 256 * 1024 }), Buffer.alloc(1000, 0x99)]));
+      for (let i = 0; i < 50 && seen.placed < 3; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(seen.placed, 3);
+      c.socket.destroy();
+      for (let i = 0; i < 100 && seen.done < 3; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(seen.done, 3, 'handed back on close');
+      await fb.trim(8192, 4096, false); // inside the cut-off target's range: resolves, nothing is being received there any more
+      const onDisk = readFileSync(f);
+      assert.equal(onDisk.length, 4 << 20);
+      assert.deepEqual(onDisk.subarray(64 * 1024, 64 * 1024 + a.length), a);
+      assert.deepEqual(onDisk.subarray(1 << 20, (1 << 20) + b.length), b);
+      assert.deepEqual(onDisk.subarray(3 << 20, (3 << 20) + hole.length), hole);
+      assert.deepEqual(onDisk.subarray((4 << 20) - 4096), Buffer.alloc(4096), 'nothing written past the end');
+      assert.deepEqual(onDisk.subarray(64 * 1024 + a.length, 64 * 1024 + a.length + 16), Buffer.alloc(16, 0x11), 'nothing after the range changed');
+      assert.deepEqual(onDisk.subarray(0, 1000), Buffer.alloc(1000, 0x99), 'the cut-off payload landed as far as it came');
+      assert.deepEqual(onDisk.subarray(8192, 8192 + 4096), Buffer.alloc(4096), 'then the trim punched its range');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('large READs from a file interleave correctly with other replies, also when the client is slow to read', { timeout: TIMEOUT }, async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-bigread-'));
     try {
@@ -662,6 +742,7 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     const gate = new Promise<void>((r) => (open = r));
     const backend = Object.assign(Object.create(mem.backend) as typeof mem.backend, {
       writeNow: undefined,
+      writeTarget: undefined, // payloads go through write(), not straight into memory
       write: async (offset: number, data: Uint8Array, fua: boolean) => {
         await gate;
         await mem.backend.write(offset, data, fua);

@@ -167,6 +167,31 @@ describe('nbd-attach serve with real clients', { timeout: 180_000 }, () => {
     assert.equal(sha(readFileSync(other)), sha(data)); // second is exactly 8 MiB: the file is the copy
   });
 
+  it('an image on tmpfs (WRITEs received straight into its pages): nbdcopy over 4 connections, twice, checksums equal', async () => {
+    const shm = mkdtempSync('/dev/shm/nbd-serve-tools-');
+    const img = path.join(shm, 'ram.img');
+    writeFileSync(img, Buffer.alloc(0));
+    truncateSync(img, 8 << 20);
+    const s = await serve([img]);
+    try {
+      // The first copy fills holes (the ordinary write path), the second lands in allocated pages.
+      for (const round of [1, 2]) {
+        const src = path.join(dir, `shm-src-${round}.bin`);
+        const data = randomBytes(8 << 20);
+        writeFileSync(src, data);
+        ok('nbdcopy', ['--connections=4', '--requests=32', src, `nbd://127.0.0.1:${s.port}/`]);
+        const back = path.join(dir, `shm-back-${round}.bin`);
+        ok('nbdcopy', [`nbd://127.0.0.1:${s.port}/`, back]);
+        assert.equal(sha(readFileSync(back)), sha(data), `round ${round}: read back`);
+        assert.equal(sha(readFileSync(img)), sha(data), `round ${round}: the file holds it`);
+      }
+      assert.deepEqual(await stop(s), { code: 0, signal: null });
+    } finally {
+      if (s.child.exitCode === null) await stop(s);
+      rmSync(shm, { recursive: true, force: true });
+    }
+  });
+
   it('nbdcopy of a sparse source: zeros really read back as zeros', () => {
     const src = path.join(dir, 'sparse.bin');
     writeFileSync(src, Buffer.alloc(0));

@@ -1,7 +1,7 @@
 // Backends (memory, file), size parsing, export planning for `serve`.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -129,6 +129,101 @@ describe('file backend', () => {
   it('missing file and directory: usage errors that say what to do', async () => {
     await assert.rejects(openFileBackend(path.join(dir, 'nope.img')), (e: unknown) => e instanceof NbdError && e.code === 'NBD_E_USAGE' && /truncate -s/.test(e.message));
     await assert.rejects(openFileBackend(dir), (e: unknown) => e instanceof NbdError && /directory/.test(e.message));
+  });
+});
+
+/** A directory on tmpfs (/dev/shm), where FileBackend offers writeTarget. */
+function shmDir(): string {
+  assert.equal(Number(statfsSync('/dev/shm').type), 0x01021994, '/dev/shm is a tmpfs (TMPFS_MAGIC) on this machine');
+  return mkdtempSync('/dev/shm/nbd-attach-unit-');
+}
+
+describe('writeTarget: WRITE payloads received straight into the storage', () => {
+  const shm = shmDir();
+  after(() => rmSync(shm, { recursive: true, force: true }));
+
+  it('memory: a view of the chunk itself, only within one chunk', async () => {
+    const m = new MemoryBackend(4 * MEMORY_CHUNK);
+    const t = m.writeTarget(MEMORY_CHUNK + 10, 5)!;
+    assert.equal(t.length, 5);
+    t.write('hello');
+    assert.equal((await rd(m, MEMORY_CHUNK + 8, 9)).toString('hex'), '0000' + Buffer.from('hello').toString('hex') + '0000');
+    assert.equal(m.allocated, MEMORY_CHUNK);
+    assert.equal(m.writeTarget(MEMORY_CHUNK - 2, 4), undefined, 'spans two chunks');
+    assert.equal(m.writeTarget(0, 0), undefined);
+  });
+
+  it('tmpfs file: the file\'s pages where they are allocated; holes, window edges and read-only files are refused', async () => {
+    const f = path.join(shm, 'disk.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x44));
+    truncateSync(f, 2 << 20); // the second MiB is a hole
+    const b = await openFileBackend(f, { mapWindow: 256 * 1024 });
+    const t = b.writeTarget!(4096, 8192)!;
+    assert.ok(t, 'allocated pages are offered');
+    assert.equal(t.length, 8192);
+    t.fill(0x55);
+    t.write('mapped', 100);
+    b.writeTargetDone!(t);
+    // The bytes are in the file: through the backend, and through another open of the file.
+    assert.equal((await rd(b, 4096 + 98, 10)).toString('hex'), '5555' + Buffer.from('mapped').toString('hex') + '5555');
+    const seen = readFileSync(f);
+    assert.deepEqual(seen.subarray(4096, 4096 + 100), Buffer.alloc(100, 0x55));
+    assert.deepEqual(seen.subarray(4095, 4096), Buffer.from([0x44]), 'nothing before the range changed');
+    assert.deepEqual(seen.subarray(4096 + 8192, 4096 + 8193), Buffer.from([0x44]), 'nothing after it either');
+    assert.equal(b.writeTarget!((1 << 20) + 4096, 4096), undefined, 'a hole is left to write() (allocation may fail with ENOSPC)');
+    assert.equal(b.writeTarget!(256 * 1024 - 10, 20), undefined, 'spans two mapping windows');
+    const t2 = b.writeTarget!(3 * 256 * 1024, 1000);
+    assert.ok(t2, 'a later window is mapped when first needed');
+    b.writeTargetDone!(t2);
+    await b.write((1 << 20) + 4096, Buffer.alloc(4096, 0x66), false);
+    const t3 = b.writeTarget!((1 << 20) + 4096, 4096);
+    assert.ok(t3, 'once written the page is allocated and offered');
+    b.writeTargetDone!(t3);
+    await b.close();
+    assert.equal(b.writeTarget!(4096, 4096), undefined, 'nothing after close');
+    const ro = await openFileBackend(f, { readOnly: true });
+    assert.equal(ro.writeTarget!(0, 4096), undefined, 'read-only');
+    await ro.close();
+  });
+
+  it('a file on a disk file system is never mapped (a store could wait for writeback on the event loop)', async (t) => {
+    const candidates = [process.cwd(), os.tmpdir(), '/var/tmp'];
+    const disk = candidates.find((d) => ![0x01021994, 0x858458f6].includes(Number(statfsSync(d).type)));
+    if (!disk) return t.skip('no disk-backed directory here');
+    const dir = mkdtempSync(path.join(disk, '.nbd-attach-unit-'));
+    try {
+      const f = path.join(dir, 'disk.img');
+      writeFileSync(f, Buffer.alloc(1 << 20, 1));
+      const b = await openFileBackend(f);
+      assert.equal(b.writeTarget!(0, 4096), undefined);
+      await b.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('deallocating a range waits for payloads being received into it, and no target is offered over it meanwhile', async () => {
+    const f = path.join(shm, 'punch.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x77));
+    const b = await openFileBackend(f);
+    const t = b.writeTarget!(0, 64 * 1024)!;
+    assert.ok(t);
+    let trimmed = false;
+    const trim = b.trim(0, 8192, false).then(() => (trimmed = true));
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(trimmed, false, 'the punch waits for the target over its range');
+    assert.equal(b.writeTarget!(4096, 4096), undefined, 'no target over a range being punched');
+    const elsewhere = b.writeTarget!(512 * 1024, 4096);
+    assert.ok(elsewhere, 'other ranges are still offered');
+    b.writeTargetDone!(elsewhere);
+    assert.equal(trimmed, false);
+    t.fill(0x12);
+    b.writeTargetDone!(t);
+    await trim;
+    assert.deepEqual(await rd(b, 0, 8192), Buffer.alloc(8192), 'punched after the payload was in');
+    assert.deepEqual(await rd(b, 8192, 16), Buffer.alloc(16, 0x12), 'the rest of the payload stays');
+    assert.equal(b.writeTarget!(0, 4096), undefined, 'the punched pages are a hole now');
+    await b.close();
   });
 });
 

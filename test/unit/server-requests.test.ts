@@ -94,6 +94,60 @@ describe('RequestReader: direct reads and copied payloads', () => {
   });
 });
 
+describe('RequestReader: payloads placed in the storage (Backend.writeTarget)', () => {
+  it('receives a payload into the placed buffer, directly or copied, and says so', () => {
+    const storage = Buffer.alloc(64 * 1024);
+    const asked: bigint[] = [];
+    const place = (r: Request): Buffer | undefined => {
+      asked.push(r.cookie);
+      return r.cookie === 3n ? undefined : storage.subarray(Number(r.offset), Number(r.offset) + r.length);
+    };
+    const r = new RequestReader(1 << 20, undefined, true, place);
+    // Whole payload already buffered: copied into the target (the pushed chunk is reused memory).
+    const chunk = Buffer.concat([encodeRequest(req(Cmd.WRITE, 100, 4, 0, 1n)), Buffer.from('abcd')]);
+    r.push(chunk);
+    const one = r.next() as { payload: Buffer; placed?: boolean; transient?: boolean };
+    assert.equal(one.placed, true);
+    assert.equal(one.transient, undefined);
+    assert.equal(one.payload.buffer, storage.buffer, 'the payload is the storage');
+    assert.equal(storage.subarray(100, 104).toString(), 'abcd');
+    // Arriving over several reads: the unfilled rest of the target is the direct read target.
+    r.push(Buffer.concat([encodeRequest(req(Cmd.WRITE, 32 * 1024, 20_000, 0, 2n)), Buffer.alloc(1000, 7)]));
+    assert.equal(r.next(), null);
+    const direct = r.directTarget(16 * 1024)!;
+    assert.equal(direct.buffer, storage.buffer);
+    assert.equal(direct.byteOffset, storage.byteOffset + 32 * 1024 + 1000);
+    direct.fill(8); // "the kernel read 19000 bytes into it"
+    assert.equal(r.filledDirect(19_000), true);
+    const two = r.next() as { payload: Buffer; placed?: boolean };
+    assert.equal(two.placed, true);
+    assert.deepEqual(storage.subarray(32 * 1024, 32 * 1024 + 20_000), Buffer.concat([Buffer.alloc(1000, 7), Buffer.alloc(19_000, 8)]));
+    // Declined: the ordinary path, storage untouched.
+    r.push(Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 4, 0, 3n)), Buffer.from('wxyz')]));
+    const three = r.next() as { payload: Buffer; placed?: boolean };
+    assert.equal(three.placed, undefined);
+    assert.equal(three.payload.toString(), 'wxyz');
+    assert.deepEqual(storage.subarray(0, 4), Buffer.alloc(4));
+    // Only WRITEs with a payload within the maximum are offered.
+    r.push(Buffer.concat([encodeRequest(req(Cmd.READ, 0, 4, 0, 4n)), encodeRequest(req(Cmd.WRITE, 0, 0, 0, 5n))]));
+    assert.equal(drain(r).length, 2);
+    assert.deepEqual(asked, [1n, 2n, 3n]);
+  });
+
+  it('abandon() hands back a placed payload that will not be completed, and nothing else', () => {
+    const storage = Buffer.alloc(8192);
+    const r = new RequestReader(1 << 20, undefined, false, (w) => (w.cookie === 1n ? storage : undefined));
+    r.push(Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 8192, 0, 1n)), Buffer.alloc(100)]));
+    assert.equal(r.next(), null);
+    assert.equal(r.abandon(), storage);
+    assert.equal(r.abandon(), undefined);
+    const plain = new RequestReader(1 << 20, undefined, false, () => undefined);
+    plain.push(Buffer.concat([encodeRequest(req(Cmd.WRITE, 0, 8192, 0, 2n)), Buffer.alloc(100)]));
+    assert.equal(plain.next(), null);
+    assert.equal(plain.abandon(), undefined, 'a pool buffer is not handed back');
+  });
+});
+
 describe('RequestReader', () => {
   const write = req(Cmd.WRITE, 4096, 8, CmdFlag.FUA, 1n);
   const payload = Buffer.from('01020304050607ff', 'hex');
