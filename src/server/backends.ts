@@ -239,6 +239,21 @@ class FileBackend implements Backend {
     }
   }
 
+  async writev(offset: number, data: readonly Buffer[]): Promise<void> {
+    const n = await new Promise<number>((resolve, reject) => fs.writev(this.fh.fd, data, offset, (err, w) => (err ? reject(err) : resolve(w))));
+    // A short writev (rare: a signal, a full disk midway) finishes piece by piece.
+    let pos = offset;
+    let left = n;
+    for (const d of data) {
+      if (left >= d.length) left -= d.length;
+      else {
+        await this.write(pos + left, d.subarray(left), false);
+        left = 0;
+      }
+      pos += d.length;
+    }
+  }
+
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     let done = 0;
     while (done < data.length) {

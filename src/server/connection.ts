@@ -180,6 +180,8 @@ class Connection implements ServedConnection {
   /** Replies are being held until the end of this loop turn (see holdReplies). */
   private holding = false;
   private arena: Arena | undefined;
+  /** Large WRITEs for the pool, sent at the end of this loop turn (queueWrite). */
+  private queuedWrites: { req: Request; payload: Buffer; cost: number }[] = [];
   private readonly userBuffers: boolean;
 
   constructor(
@@ -522,11 +524,49 @@ class Connection implements ServedConnection {
       kept = this.pool.take(payload.length);
       payload.copy(kept);
     }
+    if (kept && req.type === Cmd.WRITE && (req.flags & CmdFlag.FUA) === 0 && this.exp!.backend.writev) {
+      this.queueWrite(req, kept, cost);
+      return;
+    }
     this.execute(req, kept, readBuf).then(
       () => this.succeeded(req, kept, readBuf, cost),
       (err: unknown) => this.failed(req, kept, readBuf, err, cost),
     );
   }
+
+  /**
+   * Large WRITEs that go to the pool wait for the end of this loop turn, and those that continue one
+   * another (a sequential stream, split by the kernel into 128 KiB requests) go in one writev: one
+   * pool round trip for the run instead of one per request.
+   */
+  private queueWrite(req: Request, payload: Buffer, cost: number): void {
+    this.queuedWrites.push({ req, payload, cost });
+    if (this.queuedWrites.length === 1) setImmediate(this.flushWrites);
+  }
+
+  private readonly flushWrites = (): void => {
+    const q = this.queuedWrites;
+    this.queuedWrites = [];
+    let i = 0;
+    while (i < q.length) {
+      let j = i + 1;
+      let end = Number(q[i]!.req.offset) + q[i]!.payload.length;
+      while (j < q.length && Number(q[j]!.req.offset) === end && j - i < 64) {
+        end += q[j]!.payload.length;
+        j++;
+      }
+      const run = q.slice(i, j);
+      this.exp!.backend.writev!(Number(run[0]!.req.offset), run.map((w) => w.payload)).then(
+        () => {
+          for (const w of run) this.succeeded(w.req, w.payload, undefined, w.cost);
+        },
+        (err: unknown) => {
+          for (const w of run) this.failed(w.req, w.payload, undefined, err, w.cost);
+        },
+      );
+      i = j;
+    }
+  };
 
   /**
    * A WRITE's payload is received straight into the export's storage (Backend.writeTarget) when the

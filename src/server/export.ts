@@ -38,6 +38,8 @@ export interface Backend {
    */
   writeTarget?(offset: number, length: number): Buffer | undefined;
   writeTargetDone?(target: Buffer): void;
+  /** Optional: write `data` back to back from `offset`, as one call (no FUA). */
+  writev?(offset: number, data: readonly Buffer[]): Promise<void>;
   /**
    * Must leave the range reading back as zeros. `mayTrim`: the client allows deallocating the range
    * (NBD_CMD_FLAG_NO_HOLE not set, proto.md "NBD_CMD_WRITE_ZEROES").

@@ -21,6 +21,12 @@ import { makePki } from '../lib/servers.ts';
 
 const TIMEOUT = 10_000;
 
+async function rd(b: Backend, offset: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length, 0xee);
+  await b.read(offset, buf);
+  return buf;
+}
+
 /**
  * Serve `exp` on a Duplex that records every write the server makes (client bytes are pushed into
  * it), negotiated with NBD_OPT_GO; `writes` starts empty at transmission.
@@ -612,6 +618,10 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
           seen.writes++;
           return fb.write(o, d, fua);
         },
+        writev: (o: number, d: readonly Buffer[]) => {
+          seen.writes++;
+          return fb.writev!(o, d);
+        },
         flush: () => {
           seen.flushes++;
           return fb.flush();
@@ -731,6 +741,57 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     const back = Buffer.alloc(3);
     await exp.backend.read(0, back);
     assert.equal(back.toString(), 'abc');
+    wire.push(null);
+    await served.done;
+  });
+
+  it('WRITEs for the pool that continue one another go in one writev per loop turn; FUA ones alone; a failed writev fails its run', { timeout: TIMEOUT }, async () => {
+    const mem = memoryExport(4 << 20, { name: 'v' });
+    const calls: string[] = [];
+    let failAt = -1;
+    const backend = Object.assign(Object.create(mem.backend) as typeof mem.backend, {
+      writeNow: undefined, // every WRITE goes to the pool paths
+      writeTarget: undefined,
+      writev: async (offset: number, data: readonly Buffer[]) => {
+        calls.push(`writev ${offset} x${data.length}`);
+        if (offset === failAt) throw Object.assign(new Error('injected'), { code: 'EIO' });
+        let at = offset;
+        for (const d of data) {
+          await mem.backend.write(at, d, false);
+          at += d.length;
+        }
+      },
+      write: async (offset: number, data: Uint8Array, fua: boolean) => {
+        calls.push(`write ${offset}${fua ? ' fua' : ''}`);
+        await mem.backend.write(offset, data, fua);
+      },
+    });
+    const { wire, writes, served } = await servedOnRecordingWire({ ...mem, backend });
+    const K = 128 * 1024;
+    const w = (cookie: number, offset: number, flags = 0): Buffer =>
+      Buffer.concat([encodeRequest({ type: Cmd.WRITE, flags, cookie: BigInt(cookie), offset: BigInt(offset), length: K }), Buffer.alloc(K, cookie)]);
+    const acks = async (n: number): Promise<Map<bigint, number>> => {
+      for (let i = 0; i < 200 && writes.reduce((a, b) => a + b.length, 0) < n * 16; i++) await new Promise((r) => setImmediate(r));
+      const all = Buffer.concat(writes.splice(0));
+      assert.equal(all.length, n * 16, `${n} replies`);
+      const m = new Map<bigint, number>();
+      for (let i = 0; i < n; i++) m.set(all.readBigUInt64BE(i * 16 + 8), all.readUInt32BE(i * 16 + 4));
+      return m;
+    };
+    // One burst: three that continue one another, a gap, two more, and one with FUA.
+    wire.push(Buffer.concat([w(1, 0), w(2, K), w(3, 2 * K), w(4, 1 << 20), w(5, (1 << 20) + K), w(6, 2 << 20, CmdFlag.FUA)]));
+    const first = await acks(6);
+    assert.deepEqual([...first.values()], [0, 0, 0, 0, 0, 0]);
+    assert.deepEqual(calls.sort(), ['write 2097152 fua', 'writev 0 x3', `writev ${1 << 20} x2`]);
+    for (const [cookie, off] of [[1, 0], [3, 2 * K], [5, (1 << 20) + K], [6, 2 << 20]] as const) {
+      assert.deepEqual(await rd(mem.backend, off, K), Buffer.alloc(K, cookie), `WRITE ${cookie} landed`);
+    }
+    failAt = 3 << 20;
+    calls.length = 0;
+    wire.push(Buffer.concat([w(7, 3 << 20), w(8, (3 << 20) + K), w(9, 0)]));
+    const second = await acks(3);
+    assert.deepEqual(Object.fromEntries([...second].map(([c, e]) => [String(c), e])), { '7': WireErr.EIO, '8': WireErr.EIO, '9': 0 });
+    assert.deepEqual(calls.sort(), ['writev 0 x1', `writev ${3 << 20} x2`]);
     wire.push(null);
     await served.done;
   });

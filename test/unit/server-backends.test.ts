@@ -117,6 +117,18 @@ describe('file backend', () => {
     assert.throws(() => b.readNow!(0, Buffer.alloc(4)), /EBADF/, 'I/O errors are thrown, not taken as "would block"');
   });
 
+  it('writev writes buffers back to back from one offset', async () => {
+    const f = path.join(dir, 'writev.img');
+    writeFileSync(f, Buffer.alloc(1 << 20, 0x33));
+    const b = await openFileBackend(f);
+    await b.writev!(1000, [Buffer.alloc(5000, 1), Buffer.from('mid'), Buffer.alloc(70_000, 2)]);
+    await b.close();
+    const onDisk = readFileSync(f);
+    assert.deepEqual(onDisk.subarray(999, 1000 + 5000), Buffer.concat([Buffer.from([0x33]), Buffer.alloc(5000, 1)]));
+    assert.equal(onDisk.subarray(6000, 6003).toString(), 'mid');
+    assert.deepEqual(onDisk.subarray(6003, 6003 + 70_001), Buffer.concat([Buffer.alloc(70_000, 2), Buffer.from([0x33])]));
+  });
+
   it('read-only open refuses writes at the OS level too', async () => {
     const f = path.join(dir, 'ro.img');
     writeFileSync(f, Buffer.alloc(4096));
