@@ -138,8 +138,40 @@ async function tlsThroughput(): Promise<void> {
 const SERVER_REPS = Number(process.env.BENCH_SERVER_REPS ?? 5);
 const SERVER_WARM = Number(process.env.BENCH_SERVER_WARM ?? 12);
 
-async function serverThroughput(): Promise<void> {
-  const img = await tmpFile(64 * MiB, { name: 'bench.img' });
+/**
+ * The image of the server comparison: a file on the guest's /tmp (tmpfs: the issue's benchmark, where
+ * our server receives large WRITEs straight into the file's pages), or on ext4, as most users' images
+ * are (a file system on a loop device over a tmpfs file, so no disk speed enters the figures).
+ */
+async function serverImage(where: 'tmpfs' | 'ext4'): Promise<{ img: string; release(): Promise<void> }> {
+  if (where === 'tmpfs') return { img: await tmpFile(64 * MiB, { name: 'bench.img' }), release: async () => {} };
+  await run('modprobe', ['loop'], { timeoutMs: 30_000 });
+  const backing = await tmpFile(256 * MiB, { name: 'ext4.raw' });
+  const loop = (await mustRun('losetup', ['--find', '--show', backing], { timeoutMs: 30_000 })).stdout.trim();
+  const mnt = await tmpDir('ext4-');
+  try {
+    await mustRun('mkfs.ext4', ['-q', loop], { timeoutMs: 120_000 });
+    await mustRun('mount', [loop, mnt], { timeoutMs: 30_000 });
+  } catch (e) {
+    await run('losetup', ['-d', loop], { timeoutMs: 30_000 });
+    throw e;
+  }
+  const img = join(mnt, 'bench.img');
+  await mustRun('truncate', ['-s', String(64 * MiB), img], { timeoutMs: 30_000 });
+  return {
+    img,
+    release: async () => {
+      await run('umount', [mnt], { timeoutMs: 60_000 });
+      await run('losetup', ['-d', loop], { timeoutMs: 30_000 });
+    },
+  };
+}
+
+async function serverThroughput(where: 'tmpfs' | 'ext4'): Promise<void> {
+  const { img, release } = await serverImage(where);
+  const label = where === 'tmpfs' ? 'server' : 'server-ext4';
+  // Targets are printed for the benchmark's image since session 1 (tmpfs); the ext4 run gives the same ratios for a disk file system's image.
+  const target = (t: string): string => (where === 'tmpfs' ? ` (target ≥ ${t}×)` : '');
   const defs: { name: string; start(): Promise<{ port: number; stop(): Promise<void> }>; export: string; dev: string }[] = [
     { name: 'nbd-attach serve', start: () => startOurServer([`disk=${img}`]), export: 'disk', dev: '/dev/nbd2' },
     { name: 'nbd-server', start: async () => startNbdServer(`[disk]\nexportname = ${img}\n`) as Promise<ServerHandle>, export: 'disk', dev: '/dev/nbd4' },
@@ -170,12 +202,13 @@ async function serverThroughput(): Promise<void> {
       const ns = med('nbd-server', job.name);
       const nk = med('nbdkit file', job.name);
       report(
-        `server ${job.name.padEnd(19)} ours ${ours.toFixed(0)} ${unit(job)}; nbd-server ${ns.toFixed(0)} = ${ratio(ours, ns)} (target ≥ 1.0×); nbdkit file ${nk.toFixed(0)} = ${ratio(ours, nk)} (target ≥ 0.9×); medians of ${SERVER_REPS} after ${SERVER_WARM} s warm-up (runs: ${servers.map((s) => `${s.name} ${runs.get(`${s.name}/${job.name}`)!.map((x) => x.toFixed(0)).join(', ')}`).join('; ')})`,
+        `${label} ${job.name.padEnd(19)} ours ${ours.toFixed(0)} ${unit(job)}; nbd-server ${ns.toFixed(0)} = ${ratio(ours, ns)}${target('1.0')}; nbdkit file ${nk.toFixed(0)} = ${ratio(ours, nk)}${target('0.9')}; medians of ${SERVER_REPS} after ${SERVER_WARM} s warm-up (runs: ${servers.map((s) => `${s.name} ${runs.get(`${s.name}/${job.name}`)!.map((x) => x.toFixed(0)).join(', ')}`).join('; ')})`,
       );
     }
   } finally {
     for (const s of servers) await run('nbd-client', ['-d', s.dev], { timeoutMs: 60_000 });
     for (const s of servers) await s.srv.stop();
+    await release();
   }
 }
 
@@ -242,7 +275,8 @@ await loadNbd({ nbds_max: 8 });
 const allSections: [string, () => Promise<void>][] = [
   ['attach latency', attachLatency],
   ['client throughput', clientThroughput],
-  ['server throughput', serverThroughput],
+  ['server throughput', () => serverThroughput('tmpfs')],
+  ['server throughput on ext4', () => serverThroughput('ext4')],
   ['reconnect', reconnect],
   ['tls throughput', tlsThroughput],
 ];
