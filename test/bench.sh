@@ -3,7 +3,7 @@
 # BENCH_REPS (default 5) and BENCH_FIO_SECONDS (default 5) tune the run; BENCH_ONLY=reconnect
 # (section names, comma-separated) runs only some sections; BENCH_SERVER_REPS (default 5) repeats
 # the server comparison (medians), after BENCH_SERVER_WARM (default 12) seconds of warm-up per job;
-# the comparison runs twice: image on tmpfs, then on ext4 (BENCH_ONLY="server throughput on ext4" for one).
+# the comparison runs twice (BENCH_ONLY=server runs both): image on tmpfs, then on ext4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error
