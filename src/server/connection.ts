@@ -535,9 +535,10 @@ class Connection implements ServedConnection {
   }
 
   /**
-   * Large WRITEs that go to the pool wait for the end of this loop turn, and those that continue one
-   * another (a sequential stream, split by the kernel into 128 KiB requests) go in one writev: one
-   * pool round trip for the run instead of one per request.
+   * WRITEs that go to the pool (large ones, FUA aside, on a disk file) wait for the end of this loop
+   * turn, and those that continue one another (a sequential stream, which the kernel splits into
+   * 128 KiB requests) go in one writev of at most 64 buffers: one pool round trip per run instead of
+   * one per request. Image on ext4 in the VM, 1 MiB writes: medians 74 vs 68 MB/s (decisions.md).
    */
   private queueWrite(req: Request, payload: Buffer, cost: number): void {
     this.queuedWrites.push({ req, payload, cost });
