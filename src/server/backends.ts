@@ -352,14 +352,7 @@ export class MemoryBackend implements Backend {
   }
 
   writeNow(offset: number, data: Uint8Array, _fua: boolean): boolean {
-    this.each(offset, data.length, (idx, within, n, pos) => {
-      let c = this.chunks.get(idx);
-      if (!c) {
-        c = Buffer.alloc(MEMORY_CHUNK);
-        this.chunks.set(idx, c);
-      }
-      c.set(data.subarray(pos, pos + n), within);
-    });
+    this.each(offset, data.length, (idx, within, n, pos) => this.chunk(idx).set(data.subarray(pos, pos + n), within));
     return true;
   }
 
@@ -372,12 +365,17 @@ export class MemoryBackend implements Backend {
     const idx = Math.floor(offset / MEMORY_CHUNK);
     const within = offset - idx * MEMORY_CHUNK;
     if (length === 0 || within + length > MEMORY_CHUNK) return undefined;
+    return this.chunk(idx).subarray(within, within + length);
+  }
+
+  /** Chunk `idx`, allocated (zeroed) if it was never written. */
+  private chunk(idx: number): Buffer {
     let c = this.chunks.get(idx);
     if (!c) {
       c = Buffer.alloc(MEMORY_CHUNK);
       this.chunks.set(idx, c);
     }
-    return c.subarray(within, within + length);
+    return c;
   }
 
   async writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {

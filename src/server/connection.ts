@@ -17,7 +17,7 @@ import { BufferPool } from './buffer-pool.ts';
 import { isReadOnly, type ServedExport } from './export.ts';
 import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
-import { RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
+import { OK, RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
 import { encodeErrorChunk, encodeNone, encodeOffsetDataHeader } from './structured.ts';
 
 const log = createDebug('nbd:server');
@@ -483,7 +483,9 @@ class Connection implements ServedConnection {
       this.maybeFinish();
       return;
     }
-    let verdict = item.kind === 'discarded-write' ? discardedWriteVerdict(req, lim) : checkRequest(req, lim);
+    // A placed WRITE passed checkRequest when it was placed (placeWrite); only shutdown can refuse it now.
+    let verdict =
+      item.kind === 'discarded-write' ? discardedWriteVerdict(req, lim) : item.placed ? OK : checkRequest(req, lim);
     if (verdict.error === 0 && this.shuttingDown) {
       verdict = { error: WireErr.ESHUTDOWN, message: 'server is shutting down' };
     }

@@ -153,7 +153,8 @@ export interface Verdict {
   message: string;
 }
 
-const OK: Verdict = { error: 0, message: '' };
+/** The verdict of a request that may be executed. */
+export const OK: Verdict = { error: 0, message: '' };
 
 function refuse(type: number, error: number, message: string): Verdict {
   return { error, message: `${cmdName(type)}: ${message}` };

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { makePki } from '../lib/servers.ts';
+import { makePki, sparseFile } from '../lib/servers.ts';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -169,9 +169,7 @@ describe('nbd-attach serve with real clients', { timeout: 180_000 }, () => {
 
   it('an image on tmpfs (WRITEs received straight into its pages): nbdcopy over 4 connections, twice, checksums equal', async () => {
     const shm = mkdtempSync('/dev/shm/nbd-serve-tools-');
-    const img = path.join(shm, 'ram.img');
-    writeFileSync(img, Buffer.alloc(0));
-    truncateSync(img, 8 << 20);
+    const img = sparseFile(shm, 'ram.img', 8 << 20);
     const s = await serve([img]);
     try {
       // The first copy fills holes (the ordinary write path), the second lands in allocated pages.
