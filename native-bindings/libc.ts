@@ -38,6 +38,7 @@ interface Bindings {
   recv: Fn;
   close: Fn;
   dup: Fn;
+  flock: Fn;
   ioctl: Fn;
   ioctlAsync: Fn;
   preadv2: Fn;
@@ -84,6 +85,7 @@ function lib(): Bindings {
     recv: f('intptr_t recv(int fd, _Out_ void *buf, size_t len, int flags)'),
     close: f('int close(int fd)'),
     dup: f('int dup(int fd)'),
+    flock: f('int flock(int fd, int operation)'),
     ioctl,
     ioctlAsync: (ioctl as unknown as { async: Fn }).async,
     preadv2: libc.func('intptr_t preadv2(int fd, const nbd_attach_iovec *iov, int iovcnt, int64_t offset, int flags)') as unknown as Fn,
@@ -161,6 +163,22 @@ export function close(fd: number): void {
 }
 export function dup(fd: number): number {
   return check(lib().dup(fd), 'dup');
+}
+
+// sys/file.h (include/uapi/asm-generic/fcntl.h): LOCK_EX 2, LOCK_NB 4.
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+/**
+ * flock(fd, LOCK_EX | LOCK_NB): true when this process now holds the lock, false when another open
+ * file description holds it (EWOULDBLOCK). The lock ends with the last descriptor of the open file,
+ * so it dies with its holder, however that ends.
+ */
+export function tryLockExclusive(fd: number): boolean {
+  const b = lib();
+  if (Number(b.flock(fd, LOCK_EX | LOCK_NB)) === 0) return true;
+  const e = b.koffi.errno();
+  if (e === b.koffi.os.errno.EWOULDBLOCK || e === b.koffi.os.errno.EAGAIN) return false;
+  throw new SyscallError('flock', e);
 }
 
 /** ioctl with an integer (or no) argument. `name` is used in error messages: "ioctl(NBD_SET_SOCK)". */

@@ -5,15 +5,11 @@ import { readFileSync } from 'node:fs';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { looksLikePort } from '../address.ts';
 import { NbdError } from '../errors.ts';
-import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { parseDeviceName } from '../kernel/device.ts';
-import { type ServerOptions, addServerOptions, formatSize } from './common.ts';
+import { type ServerOptions, addServerOptions, resolveTarget } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
-import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from '../supervisor/policy.ts';
-import { takeDetachRequested } from '../supervisor/state.ts';
-import { type SupervisedAttachOptions, openSource, residentProcessSetup, runSupervisedAttach } from '../supervisor/run.ts';
+import { type AttachSpec, type SupervisedAttachOptions, runSupervisedAttach } from '../supervisor/run.ts';
 import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
-import type { ConnectionSource } from '../supervisor/source.ts';
 
 export interface AttachCliOptions extends ServerOptions {
   optgo: boolean;
@@ -117,7 +113,7 @@ export function addKernelOptions(cmd: Command): Command {
     .addOption(new Option('-t, --timeout <seconds>', 'request timeout: the kernel drops a connection whose request takes longer').argParser(positiveInt('timeout', 0x7fffffff)))
     .option('-i, --identifier <id>', 'backend identifier shown in /sys/block/nbdN/backend (default: random)')
     .option('-R, --read-only', 'attach read-only (the kernel refuses writes)')
-    .option('-L, --ioctl', 'use the ioctl interface instead of netlink (stays in the foreground)');
+    .option('-L, --ioctl', 'use the ioctl interface instead of netlink (no I/O held across a reconnect; the process holding the device stays in the background, or the foreground with -n)');
 }
 
 export function register(program: Command): void {
@@ -138,97 +134,39 @@ export function register(program: Command): void {
     const warn = (m: string): void => void process.stderr.write(`nbd-attach: warning: ${m}\n`);
     // The background supervisor re-reads the same file; warnings are printed once, by the launcher.
     const { positionals, opts } = applyNbdtab([a1, a2, a3], given, (given as SupervisedAttachOptions).supervisorChild ? () => undefined : warn);
-    // netlink: stay resident and reconnect (src/supervisor/); -L keeps the foreground ioctl path below.
-    if (opts.ioctl !== true) return runSupervisedAttach(positionals, opts as AttachCliOptions & SupervisedAttachOptions);
-    const { source, device } = await openSource(positionals, opts);
-    try {
-      await attachIoctl(source, device, opts);
-    } finally {
-      await source.close();
-    }
+    // Netlink: a resident supervisor that reconnects; -L: the ioctl lifeline (src/supervisor/).
+    return runSupervisedAttach(attachSpec(positionals, opts), opts as AttachCliOptions & SupervisedAttachOptions);
   });
 }
 
-/** -L: this process holds the device through NBD_DO_IT; no netlink, so no supervised reconnect. */
-async function attachIoctl(source: ConnectionSource, device: string | undefined, opts: AttachCliOptions): Promise<void> {
-  const useIoctl = true;
-  await preflight({ device, useIoctl });
-  const conn = await source.connect(opts.connectTimeout);
-  const notice = (m: string): void => {
-    process.stderr.write(`nbd-attach: note: ${m}\n`);
-  };
-  const r = await attach({
-    connections: [conn],
-    device,
-    blockSize: opts.blockSize,
-    readOnly: opts.readOnly === true,
-    timeout: opts.timeout,
-    identifier: opts.identifier,
-    useIoctl,
-    notice,
-  });
-  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}${source.tls ? ' over TLS' : ''}`;
-  process.stdout.write(
-    `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
-  );
-  if (!r.done) return;
-  residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, notice);
-  takeDetachRequested(r.index); // a marker left by an earlier detach of this device is not for us
-  // ioctl: this process is the device's lifeline. Signals reach this (main) thread only; answer
-  // them with a clean DISCONNECT, then wait for NBD_DO_IT to return in the worker.
-  let stopping = false;
-  const onSignal = (sig: NodeJS.Signals): void => {
-    stopping = true;
-    notice(`${sig}: disconnecting ${r.device}`);
-    try {
-      ioctlDisconnect(r.device);
-    } catch (e) {
-      process.stderr.write(`nbd-attach: disconnect ${r.device} failed: ${(e as Error).message}\n`);
-    }
-  };
-  for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
-  try {
-    let done: Promise<{ ret: number; message?: string }> = r.done;
-    for (;;) {
-      const end = await done;
-      // DO_IT returns 0 both after a DISCONNECT and when the connection died: `nbd-attach -d` leaves a
-      // marker (takeDetachRequested), a signal sets `stopping`. Otherwise the link died: reconnect
-      // like nbd-client -persist. The kernel cannot hold I/O in ioctl mode, so requests
-      // issued meanwhile fail with EIO (netlink mode keeps them waiting instead; docs/decisions.md).
-      if (stopping || takeDetachRequested(r.index)) {
-        if (end.ret < 0 && end.message) process.stderr.write(`nbd-attach: ${r.device}: ${end.message}\n`);
-        break;
-      }
-      process.stderr.write(`nbd-attach: ${r.device}: the connection died${end.message ? ` (${end.message})` : ''}: reconnecting (ioctl mode: I/O fails until then)\n`);
-      const again = await reconnectIoctl(source, r.device, opts, notice, () => stopping);
-      if (!again) break;
-      process.stderr.write(`nbd-attach: ${r.device} reconnected\n`);
-      done = again.done;
-    }
-  } finally {
-    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
+/**
+ * What the command line asks for, resolved: `HOST[:PORT] [PORT] [DEV]`, `-u SOCK [DEV]`, a URI,
+ * local attach `--file IMAGE [DEV]` / `--memory SIZE [DEV]`, or `--reattach DEV [HOST]`.
+ */
+export function attachSpec(positionals: readonly (string | undefined)[], opts: AttachCliOptions): AttachSpec {
+  if (opts.reattach !== undefined) {
+    if (opts.file !== undefined || opts.memory !== undefined) throw new NbdError('NBD_E_USAGE', '--reattach adopts a device attached to a server: drop --file/--memory');
+    const { host, port, device } = splitPositionals(positionals, opts.unix !== undefined);
+    if (device !== undefined) throw new NbdError('NBD_E_USAGE', `--reattach ${opts.reattach} names the device: drop '${device}'`);
+    const given = host !== undefined || opts.unix !== undefined ? resolveTarget(host, port, opts) : undefined;
+    return { kind: 'reattach', device: opts.reattach, given };
   }
-  process.stderr.write(`nbd-attach: ${r.device} disconnected\n`);
-}
-
-/** Negotiate and hand a new connection to the same device with the ioctls, retrying with backoff. */
-async function reconnectIoctl(
-  source: ConnectionSource,
-  device: string,
-  opts: AttachCliOptions,
-  notice: (m: string) => void,
-  stopping: () => boolean,
-): Promise<{ done: Promise<{ ret: number; message?: string }> } | undefined> {
-  for (let attempt = 0; !stopping(); attempt++) {
-    try {
-      const conn = await source.connect(Math.min(opts.connectTimeout, RECONNECT_ATTEMPT_TIMEOUT_MS));
-      const r = await attach({ connections: [conn], device, blockSize: opts.blockSize, readOnly: opts.readOnly === true, timeout: opts.timeout, useIoctl: true, notice });
-      if (!r.done) throw new Error('the kernel did not start NBD_DO_IT');
-      return { done: r.done }; // wrapped: an async function would otherwise wait for DO_IT to end
-    } catch (e) {
-      if (attempt % 10 === 0) process.stderr.write(`nbd-attach: ${device}: reconnect failed: ${(e as Error).message}\n`);
-      await new Promise((res) => setTimeout(res, backoffDelay(attempt, Math.random())));
+  if (opts.file !== undefined || opts.memory !== undefined) {
+    const given = positionals.filter((x): x is string => x !== undefined);
+    const what = opts.file !== undefined ? `--file ${opts.file}` : `--memory ${opts.memory}`;
+    if (opts.file !== undefined && opts.memory !== undefined) throw new NbdError('NBD_E_USAGE', 'give --file or --memory, not both');
+    if (opts.swap) {
+      throw new NbdError('NBD_E_USAGE', `${what} with -s/--swap: swapping to a disk served by this same machine can deadlock under memory pressure; swap needs a remote server`);
     }
+    if (given.length > 1 || opts.unix !== undefined || opts.name !== undefined) {
+      throw new NbdError('NBD_E_USAGE', `${what} serves the image from this process: give only the device (nbd-attach ${what} [/dev/nbdN]), no server or export`);
+    }
+    if (given[0] !== undefined && parseDeviceName(given[0]) === undefined && !given[0].startsWith('/')) {
+      throw new NbdError('NBD_E_USAGE', `${what}: '${given[0]}' is not a device (/dev/nbdN or nbdN)`);
+    }
+    return { kind: 'local', file: opts.file, memory: opts.memory, device: given[0] };
   }
-  return undefined;
+  const { host, port, device } = splitPositionals(positionals, opts.unix !== undefined);
+  const { target, exportName } = resolveTarget(host, port, opts);
+  return { kind: 'remote', target, exportName, device };
 }

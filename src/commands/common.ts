@@ -7,7 +7,7 @@ import { NbdError } from '../errors.ts';
 import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
 import { transmissionFlagNames } from '../protocol/constants.ts';
 import type { ExportInfo } from '../protocol/handshake.ts';
-import { formatSize as formatBytes } from '../server/size.ts';
+import { formatByteCount } from '../server/size.ts';
 
 export interface ServerOptions {
   name?: string;
@@ -100,9 +100,7 @@ export function tlsFromOptions(fromUri: Target['tls'], opts: ServerOptions): Tar
 }
 
 /** 1073741824 → "1 GiB" (one formatter: src/server/size.ts); exact bytes are printed alongside where it matters. */
-export function formatSize(bytes: bigint): string {
-  return bytes < 1024n ? `${bytes} bytes` : formatBytes(Number(bytes));
-}
+export const formatSize = formatByteCount;
 
 /** Flag names for people: "read-only, flush, fua, trim, multi-conn". */
 export function formatFlags(flags: number): string {

@@ -24,18 +24,16 @@ import {
   type DeviceRef,
   type Roots,
   DEFAULT_ROOTS,
-  busyReasons,
   deviceState,
   listDevices,
   moduleInfo,
   moduleMissingError,
-  mountsOf,
   parseDeviceName,
-  partShift,
   requireAdmin,
   resolveDevice,
 } from './device.ts';
 import type { DoItMessage, DoItRequest } from './doit-worker.ts';
+import { type DeviceUser, describeUser, deviceUsers } from './users.ts';
 
 const debug = createDebug('nbd:kernel');
 
@@ -124,6 +122,11 @@ function notAttachable(op: string, dev: DeviceRef, roots: Roots): void {
   if (st.pid !== undefined) {
     throw new NbdError('NBD_E_DEVICE_ATTACHED', `${op}: ${dev.path} is already attached (pid ${st.pid}): detach it first with 'nbd-attach -d ${dev.path}'`);
   }
+}
+
+/** What uses a device that is not (yet) ours, without opening it (an open would make CONNECT fail). */
+function busyReasons(index: number, roots: Roots): string[] {
+  return deviceUsers(index, `/dev/nbd${index}`, { roots, probeClaim: false }).map(describeUser);
 }
 
 function busyError(op: string, dev: { index: number; path: string }, roots: Roots, detail?: string): NbdError {
@@ -468,6 +471,16 @@ export interface DetachOptions {
   roots?: Roots;
   /** Called with the device index just before the disconnect is sent. */
   beforeDisconnect?: (index: number) => void;
+  /** Processes whose opens of the device do not count as use (the caller itself). */
+  selfPids?: ReadonlySet<number>;
+}
+
+/** The refusal of a disconnect that would take a disk from its user. */
+export function inUseError(op: string, device: string, users: readonly DeviceUser[]): NbdError {
+  return new NbdError(
+    'NBD_E_DEVICE_BUSY',
+    `${op}: ${device} is in use (${users.map(describeUser).join('; ')}): unmount it, swapoff it or stop its user first (or --force to cut it off anyway)`,
+  );
 }
 
 export interface DetachResult {
@@ -486,9 +499,9 @@ export async function detach(opts: DetachOptions): Promise<DetachResult> {
   const st = deviceState(dev.index, roots);
   if (st.pid === undefined) return { index: dev.index, device: dev.path, wasAttached: false };
   if (!opts.force) {
-    const mi = fs.readFileSync(`${roots.proc}/self/mountinfo`, 'utf8');
-    const mounts = mountsOf(mi, dev.index, partShift(moduleInfo(roots).maxPart ?? 0));
-    if (mounts.length) throw new NbdError('NBD_E_DEVICE_BUSY', `${op}: ${dev.path} is mounted on ${mounts.join(', ')}: unmount it first (or --force to cut it off anyway)`);
+    // A refusal sends nothing to the kernel: the device keeps serving exactly as before.
+    const users = deviceUsers(dev.index, dev.path, { roots, ...(opts.selfPids ? { selfPids: opts.selfPids } : {}) });
+    if (users.length) throw inUseError(op, dev.path, users);
   }
   opts.beforeDisconnect?.(dev.index);
   let iface: KernelInterface = opts.useIoctl ? 'ioctl' : 'netlink';

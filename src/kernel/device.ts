@@ -206,58 +206,6 @@ export function listDevices(roots: Roots = DEFAULT_ROOTS): number[] {
     .sort((a, b) => a - b);
 }
 
-/**
- * What holds nbd`index`, as sentences for an error message: holders/ (device-mapper, md…), mounts,
- * processes with it open. Empty when nothing is known. Bounded: at most 4096 processes are looked at.
- */
-export function busyReasons(index: number, roots: Roots = DEFAULT_ROOTS, selfPid = process.pid): string[] {
-  const reasons: string[] = [];
-  const base = path.join(roots.sys, 'block', `nbd${index}`);
-  try {
-    for (const h of fs.readdirSync(path.join(base, 'holders'))) reasons.push(`used by ${h} (holders/)`);
-  } catch {
-    /* no holders dir */
-  }
-  const shift = partShift(moduleInfo(roots).maxPart ?? 0);
-  const mi = readTrim(path.join(roots.proc, 'self/mountinfo'));
-  if (mi) for (const m of mountsOf(mi, index, shift)) reasons.push(`mounted on ${m}`);
-  const openers = openersOf(index, shift, roots, selfPid);
-  for (const o of openers) reasons.push(`open by pid ${o.pid} (${o.comm})`);
-  return reasons;
-}
-
-function openersOf(index: number, shift: number, roots: Roots, selfPid: number): { pid: number; comm: string }[] {
-  const out: { pid: number; comm: string }[] = [];
-  let pids: string[];
-  try {
-    pids = fs.readdirSync(roots.proc).filter((p) => /^\d+$/.test(p));
-  } catch {
-    return out;
-  }
-  for (const p of pids.slice(0, 4096)) {
-    if (Number(p) === selfPid) continue;
-    let fds: string[];
-    try {
-      fds = fs.readdirSync(path.join(roots.proc, p, 'fd'));
-    } catch {
-      continue;
-    }
-    for (const fd of fds.slice(0, 4096)) {
-      try {
-        const st = fs.statSync(path.join(roots.proc, p, 'fd', fd), { bigint: true });
-        if (st.isBlockDevice() && devMajor(st.rdev) === NBD_MAJOR && indexFromMinor(devMinor(st.rdev), shift).index === index) {
-          out.push({ pid: Number(p), comm: readTrim(path.join(roots.proc, p, 'comm')) ?? '?' });
-          break;
-        }
-      } catch {
-        /* gone or not ours to see */
-      }
-    }
-    if (out.length >= 8) break;
-  }
-  return out;
-}
-
 /** Root or CAP_SYS_ADMIN, checked before any kernel call so the message is clear. */
 export function requireAdmin(op: string, roots: Roots = DEFAULT_ROOTS): void {
   const status = readTrim(path.join(roots.proc, 'self/status'));

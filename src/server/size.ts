@@ -29,3 +29,8 @@ export function formatSize(bytes: number): string {
   const s = Number.isInteger(v) ? String(v) : v.toFixed(1);
   return `${s} ${units[i]}`;
 }
+
+/** A byte count for people: "1 GiB"; below 1 KiB "N bytes" (exact bytes are printed beside where it matters). */
+export function formatByteCount(bytes: bigint): string {
+  return bytes < 1024n ? `${bytes} bytes` : formatSize(Number(bytes));
+}

@@ -29,7 +29,7 @@ export interface KernelOps {
   subscribe(onLinkDead: (index: number) => void): Promise<void>;
   reconfigure(index: number, fds: readonly number[], change: { sizeBytes?: bigint; backend?: string }): Promise<void>;
   disconnect(index: number): Promise<void>;
-  /** The device is still the one we set up: attached (sysfs pid) with our backend identifier. */
+  /** The device is still the one we set up: attached (sysfs pid) with exactly our backend identifier. */
   stillOurs(index: number, identifier: string | undefined): boolean;
   close(): void;
 }
@@ -86,8 +86,8 @@ export class NetlinkKernelOps implements KernelOps {
 
   stillOurs(index: number, identifier: string | undefined): boolean {
     const st = deviceState(index, this.roots);
-    if (st.pid === undefined) return false;
-    return identifier === undefined || st.backend === undefined || st.backend === identifier;
+    // Exactly our identifier: an empty or missing one is not ours (someone re-attached the index).
+    return st.pid !== undefined && identifier !== undefined && st.backend === identifier;
   }
 
   close(): void {

@@ -1,5 +1,6 @@
 // Where a supervisor leaves its state: one JSON file per device under /run/nbd-attach/ (for `status`
-// and for adoption by a new supervisor), and its log in the background under /var/log/nbd-attach/.
+// and for adoption by a new supervisor); its log in the background goes under /var/log/nbd-attach/
+// (src/supervisor/log.ts).
 // Both directories can be moved with NBD_ATTACH_RUN_DIR / NBD_ATTACH_LOG_DIR (tests, read-only roots).
 
 import fs from 'node:fs';
@@ -22,6 +23,8 @@ export interface SupervisorState {
   device: string;
   /** Supervisor process id (the process to signal; /sys/block/nbdN/pid is the kernel's record). */
   pid: number;
+  /** The supervisor's start time (/proc/PID/stat field 22), so a reused pid is not taken for it. */
+  pidStart?: string;
   /** "host:port" or the unix socket path, for people. */
   server: string;
   /** What a new supervisor needs to reconnect (absent for local attach). */
@@ -77,29 +80,48 @@ export function removeState(index: number, onlyIfPid = process.pid): void {
   fs.rmSync(stateFile(index), { force: true });
 }
 
-/** True when `pid` is a live process (not a zombie). */
-export function pidAlive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
+/** A process as the kernel knows it: pid plus start time (clock ticks since boot), which a reused pid does not share. */
+export interface ProcessIdentity {
+  pid: number;
+  start: string;
+  /** Zombie or dead (state Z or X). */
+  gone: boolean;
+}
+
+/** Pure: /proc/PID/stat → state and start time (field 22; the comm in parentheses may hold spaces and ')'). */
+export function parseProcStat(pid: number, stat: string): ProcessIdentity | undefined {
+  const close = stat.lastIndexOf(')');
+  if (close < 0) return undefined;
+  const fields = stat.slice(close + 2).split(' ');
+  // fields[0] is field 3 (state); field 22 (starttime) is fields[19].
+  const state = fields[0];
+  const start = fields[19];
+  if (state === undefined || start === undefined || !/^\d+$/.test(start)) return undefined;
+  return { pid, start, gone: state === 'Z' || state === 'X' };
+}
+
+export function processIdentity(pid: number): ProcessIdentity | undefined {
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/^\d+ \(.*\) [ZX] /s.test(stat);
+    return parseProcStat(pid, fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
   } catch {
-    return false;
+    return undefined;
   }
 }
 
-/** Open (append) the background log for nbdN: /var/log/nbd-attach/nbdN.log, else under the run dir. */
-export function openLog(index: number): { fd: number; file: string } {
-  for (const dir of [logDir(), runDir()]) {
-    try {
-      fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
-      const file = path.join(dir, `nbd${index}.log`);
-      return { fd: fs.openSync(file, 'a', 0o644), file };
-    } catch {
-      /* read-only or not allowed: try the next place */
-    }
-  }
-  return { fd: fs.openSync('/dev/null', 'a'), file: '/dev/null' };
+/**
+ * True when `pid` is a live process (not a zombie) and, when `start` is given, the same process
+ * that recorded it (not a later one that got the same pid).
+ */
+export function pidAlive(pid: number, start?: string): boolean {
+  const id = processIdentity(pid);
+  if (!id || id.gone) return false;
+  return start === undefined || id.start === start;
+}
+
+/** Whether the supervisor a state file names is still running. */
+export function supervisorAlive(s: Pick<SupervisorState, 'pid' | 'pidStart'>): boolean {
+  return s.pid > 0 && pidAlive(s.pid, s.pidStart);
 }
 
 /**

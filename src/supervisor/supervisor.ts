@@ -1,6 +1,6 @@
 // The resident supervisor of one device: listens for LINK_DEAD on our index, replaces dead
-// connections (Reconnector), notices when someone else detached the device, answers SIGTERM/SIGINT
-// with a clean disconnect, and keeps the state file current. Kernel, handshake, time and the state
+// connections (Reconnector), notices when someone else detached the device, answers a stop signal
+// with a clean disconnect when nothing uses the device (and leaves a device in use attached), and keeps the state file current. Kernel, handshake, time and the state
 // writer are injected so unit tests drive it without a kernel.
 
 import { NbdError } from '../errors.ts';
@@ -16,6 +16,12 @@ export interface SupervisorConfig {
   size: bigint;
   flags: number;
   deadTimeoutS: number;
+  /**
+   * What a stop signal does while the device is in use: 'leave' it attached and exit (the kernel
+   * keeps serving; a later supervisor adopts it), or 'stay' running (local attach: the server lives
+   * in this process, so exiting would take the disk away).
+   */
+  whenBusy?: 'leave' | 'stay';
   /** How often to check that the device is still attached (detached from another shell). */
   watchIntervalMs?: number;
   backoff?: Backoff;
@@ -32,6 +38,10 @@ export interface SupervisorDeps<C extends Candidate> {
   takeFd(c: C): number;
   closeFd(fd: number): void;
   log(message: string): void;
+  /** Called once a stop signal is going to end this supervisor (systemd's STOPPING=1). */
+  stopping?(): void;
+  /** Who uses the device now (mounts in any namespace, holders, swap, openers), one phrase each; empty: nobody. */
+  users(): string[];
   /** Persist the visible state (reconnects, last error, live connections). */
   saveState(s: { reconnects: number; lastError: string | undefined; liveConnections: number; sizeBytes: bigint }): void;
   /** Repeating timer; returns a cancel function. */
@@ -41,6 +51,7 @@ export interface SupervisorDeps<C extends Candidate> {
 export type SupervisorEnd =
   | { reason: 'signal'; signal: string; code: 0 }
   | { reason: 'detached'; code: 0 }
+  | { reason: 'left'; signal: string; users: string[]; code: 0 }
   | { reason: 'gave-up'; error: NbdError; code: number }
   | { reason: 'error'; error: Error; code: number };
 
@@ -103,11 +114,37 @@ export class Supervisor<C extends Candidate> {
     }
   }
 
-  /** SIGTERM/SIGINT: stop reconnecting, disconnect the device cleanly, end with exit code 0. */
+  /**
+   * SIGTERM/SIGINT/SIGHUP. Only `detach` takes a disk from its user: while the device is in use
+   * (mounted anywhere, stacked on, swap, open), stop without disconnecting and leave it to the next
+   * supervisor, or with `whenBusy: 'stay'` keep running. Otherwise stop reconnecting, disconnect
+   * cleanly and end with exit code 0. The log says which, and why.
+   */
   async terminate(signal: string): Promise<void> {
     if (this.ending) return;
+    let users: string[];
+    try {
+      users = this.deps.users();
+    } catch (e) {
+      users = [`cannot tell who uses it (${(e as Error).message}): assumed in use`];
+    }
+    if (users.length > 0) {
+      if (this.cfg.whenBusy === 'stay') {
+        this.deps.log(`${signal}: ${this.cfg.device} is in use (${users.join('; ')}) and served by this process: not stopping; unmount it or stop its user, then nbd-attach -d ${this.cfg.device}`);
+        return;
+      }
+      this.ending = true;
+      this.deps.stopping?.();
+      this.cancelWatch?.();
+      await this.reconnector.stop();
+      this.deps.log(`${signal}: ${this.cfg.device} is in use (${users.join('; ')}): leaving it attached and exiting; nbd-attach --reattach ${this.cfg.device} (or its service) supervises it again`);
+      this.ending = false;
+      this.finish({ reason: 'left', signal, users, code: 0 });
+      return;
+    }
     this.ending = true;
-    this.deps.log(`${signal}: disconnecting ${this.cfg.device}`);
+    this.deps.stopping?.();
+    this.deps.log(`${signal}: ${this.cfg.device} is not in use: disconnecting it`);
     this.cancelWatch?.();
     await this.reconnector.stop();
     try {

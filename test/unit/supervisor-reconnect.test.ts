@@ -265,13 +265,14 @@ class FakeKernel implements KernelOps {
   }
 }
 
-function makeSupervisor(w: World, k: FakeKernel, connections = 1) {
+function makeSupervisor(w: World, k: FakeKernel, connections = 1, opts: { users?: string[]; whenBusy?: 'leave' | 'stay' } = {}) {
   const closed: number[] = [];
+  const stops: string[] = [];
   const states: { reconnects: number; liveConnections: number }[] = [];
   let tick: (() => void) | undefined;
   const d = w.deps();
   const sup = new Supervisor<FakeCand>(
-    { index: 3, device: '/dev/nbd3', identifier: 'id-1', connections, size: w.size, flags: FLAGS, deadTimeoutS: 60 },
+    { index: 3, device: '/dev/nbd3', identifier: 'id-1', connections, size: w.size, flags: FLAGS, deadTimeoutS: 60, ...(opts.whenBusy ? { whenBusy: opts.whenBusy } : {}) },
     {
       kernel: k,
       now: d.now,
@@ -281,6 +282,8 @@ function makeSupervisor(w: World, k: FakeKernel, connections = 1) {
       takeFd: (c) => 100 + c.id,
       closeFd: (fd) => void closed.push(fd),
       log: d.log,
+      users: () => opts.users ?? [],
+      stopping: () => void stops.push('STOPPING'),
       saveState: (s) => void states.push({ reconnects: s.reconnects, liveConnections: s.liveConnections }),
       every: (_ms, fn) => {
         tick = fn;
@@ -288,7 +291,7 @@ function makeSupervisor(w: World, k: FakeKernel, connections = 1) {
       },
     },
   );
-  return { sup, closed, states, tick: () => tick?.() };
+  return { sup, closed, states, stops, tick: () => tick?.() };
 }
 
 test('supervisor: LINK_DEAD for another device is ignored; ours → RECONFIGURE with our index and identifier', async () => {
@@ -321,6 +324,40 @@ test('supervisor: SIGTERM stops reconnecting, sends DISCONNECT for our device an
   k.handler!(3); // late LINK_DEAD after shutdown
   await sup.reconnector.idle();
   assert.equal(k.reconfigures.length, 0);
+});
+
+test('supervisor: SIGTERM while the device is in use leaves it attached (no DISCONNECT), ends with code 0 and says why', async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const { sup, stops } = makeSupervisor(w, k, 1, { users: ['mounted on /mnt'] });
+  await sup.start();
+  await sup.terminate('SIGTERM');
+  const end = await sup.ended;
+  assert.equal(end.reason, 'left');
+  assert.equal(end.code, 0);
+  assert.deepEqual(k.disconnects, [], 'a disk in use is never disconnected by a signal');
+  assert.equal(k.attached, true);
+  assert.deepEqual(stops, ['STOPPING']);
+  assert.ok(w.logs.some((l) => /SIGTERM: \/dev\/nbd3 is in use \(mounted on \/mnt\): leaving it attached/.test(l)), w.logs.join('\n'));
+});
+
+test("supervisor: SIGTERM while in use with whenBusy 'stay' (local attach) keeps running; a later SIGTERM when unused disconnects", async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const users = ['open by pid 42 (dd)'];
+  const { sup, stops } = makeSupervisor(w, k, 1, { users, whenBusy: 'stay' });
+  await sup.start();
+  await sup.terminate('SIGTERM');
+  const first = await Promise.race([sup.ended, new Promise((r) => setTimeout(() => r('running'), 20))]);
+  assert.equal(first, 'running');
+  assert.deepEqual(k.disconnects, []);
+  assert.deepEqual(stops, []);
+  users.length = 0;
+  await sup.terminate('SIGHUP');
+  const end = await sup.ended;
+  assert.equal(end.reason, 'signal');
+  assert.deepEqual(k.disconnects, [3]);
+  assert.deepEqual(stops, ['STOPPING']);
 });
 
 test('supervisor: a device detached by someone else ends it cleanly, without DISCONNECT', async () => {

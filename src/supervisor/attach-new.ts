@@ -1,0 +1,147 @@
+// A fresh attach (netlink): negotiate the connections, CONNECT, take the device's supervisor lock,
+// then stay resident (src/supervisor/resident.ts). Attaching a device that is already attached to
+// the same server by us, with no supervisor left, adopts it instead (a restarted service).
+
+import { randomUUID } from 'node:crypto';
+import { type Target, describeEndpoint } from '../address.ts';
+import type { Connection } from '../client/negotiate.ts';
+import { NbdError } from '../errors.ts';
+import { TransmissionFlag } from '../protocol/constants.ts';
+import { formatByteCount } from '../server/size.ts';
+import { attach, preflight } from '../kernel/attach.ts';
+import { deviceState, parseDeviceName, resolveDevice } from '../kernel/device.ts';
+import { NetlinkKernelOps } from './kernel-ops.ts';
+import type { ConnectionSource } from './source.ts';
+import type { Reporter } from './reporter.ts';
+import type { SupervisedAttachOptions } from './spec.ts';
+import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
+import { type SupervisorState, readState, supervisorAlive } from './state.ts';
+import { lockDevice } from './lock.ts';
+import { EarlySubscription, type ServiceNotifier, residentProcessSetup, supervise } from './resident.ts';
+import { adopt } from './adopt.ts';
+
+function sameServer(s: SupervisorState, target: Target, exportName: string): boolean {
+  return s.endpoint !== undefined && describeEndpoint(s.endpoint) === describeEndpoint(target.endpoint) && s.export === exportName;
+}
+
+export interface AttachHow {
+  mode: 'foreground' | 'background';
+  reconnectTimeout: number;
+  notifier?: ServiceNotifier;
+}
+
+export async function attachNew(
+  source: ConnectionSource,
+  device: string | undefined,
+  target: Target | undefined,
+  opts: SupervisedAttachOptions,
+  rep: Reporter,
+  how: AttachHow,
+): Promise<number> {
+  const noOptGo = opts.optgo === false;
+  const deadTimeoutS = opts.deadTimeout ?? DEFAULT_DEAD_TIMEOUT_S;
+  const requestTimeoutS = opts.timeout ?? DEFAULT_REQUEST_TIMEOUT_S;
+  const connections = opts.connections ?? 1;
+  const exportName = source.exportName;
+  // Starting the same attach again adopts a device whose supervisor is gone.
+  if (target !== undefined && device !== undefined && (parseDeviceName(device) !== undefined || device.startsWith('/'))) {
+    const dev = resolveDevice(device, undefined, 'attach');
+    const st = deviceState(dev.index);
+    const saved = readState(dev.index);
+    if (st.pid !== undefined && saved && saved.identifier === st.backend && sameServer(saved, target, exportName)) {
+      if (supervisorAlive(saved)) {
+        throw new NbdError('NBD_E_DEVICE_ATTACHED', `attach: ${dev.path} is already attached to ${saved.server} and supervised by pid ${saved.pid}: nothing to do`);
+      }
+      return adopt(device, { target, exportName }, opts, rep, how);
+    }
+  }
+
+  await preflight({ device, useIoctl: false });
+
+  // Listen for LINK_DEAD before CONNECT so a link that dies at once is not missed.
+  const ops = new EarlySubscription(new NetlinkKernelOps());
+  try {
+    await ops.listen();
+  } catch (e) {
+    ops.close();
+    throw e instanceof NbdError ? e : new NbdError('NBD_E_KERNEL', `attach: cannot listen for nbd netlink events: ${(e as Error).message}`, { cause: e });
+  }
+
+  const conns: Connection[] = [];
+  try {
+    conns.push(await source.connect(opts.connectTimeout));
+    const info = conns[0]!.info;
+    if (connections > 1 && !(info.flags & TransmissionFlag.CAN_MULTI_CONN)) {
+      throw new NbdError('NBD_E_UNSUPPORTED', `attach: -C ${connections}: the server does not allow several connections to this export (no CAN_MULTI_CONN): use -C 1`);
+    }
+    const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => source.connect(opts.connectTimeout)));
+    for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
+    const failed = more.find((m) => m.status === 'rejected');
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+  } catch (e) {
+    for (const c of conns) c.socket.destroy();
+    ops.close();
+    throw e;
+  }
+  const info = conns[0]!.info;
+  const identifier = opts.identifier ?? randomUUID();
+  let r;
+  try {
+    r = await attach({
+      connections: conns,
+      device,
+      blockSize: opts.blockSize,
+      readOnly: opts.readOnly === true,
+      timeout: requestTimeoutS,
+      identifier,
+      useIoctl: false,
+      deadConnTimeout: deadTimeoutS,
+      notice: rep.note,
+    });
+  } catch (e) {
+    ops.close();
+    throw e;
+  }
+  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${source.tls ? ' over TLS' : ''}`;
+  const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
+  if (r.interface === 'ioctl' || r.done) {
+    // The kernel has no netlink family (very old kernel): attach() fell back to the ioctls and this
+    // process holds the device; no reconnect (-L does reconnect: src/supervisor/ioctl-lifeline.ts).
+    ops.close();
+    residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, rep.note);
+    rep.ready(`${summary}, no reconnect (ioctl fallback), supervisor pid ${process.pid}`);
+    how.notifier?.ready(`${r.device}: ioctl fallback, no reconnect`);
+    const end = await r.done!;
+    return end.ret < 0 ? 5 : 0;
+  }
+  // The index was free a moment ago; nobody else can be supervising it, but the lock is what says so.
+  lockDevice(r.index, r.device, 'attach');
+
+  const base: SupervisorState = {
+    version: 1,
+    index: r.index,
+    device: r.device,
+    pid: process.pid,
+    server: source.server,
+    ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
+    ...(source.tls !== undefined ? { tls: source.tls } : {}),
+    export: exportName,
+    noOptGo,
+    identifier,
+    interface: 'netlink',
+    connections,
+    liveConnections: connections,
+    sizeBytes: r.sizeBytes.toString(),
+    blockSize: r.blockSize,
+    flags: info.flags,
+    readOnly: r.readOnly,
+    ...(opts.swap ? { swap: true as const } : {}),
+    ...(opts.systemdMark ? { systemdMark: true as const } : {}),
+    requestTimeoutS,
+    deadTimeoutS,
+    reconnects: 0,
+    startedAt: new Date().toISOString(),
+    updatedAt: new Date().toISOString(),
+  };
+  return supervise(base, ops, { source, reconnectTimeout: how.reconnectTimeout, ...(how.notifier ? { notifier: how.notifier } : {}) }, rep, how.mode, `${summary}, connections ${connections}`);
+}

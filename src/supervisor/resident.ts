@@ -1,0 +1,215 @@
+// The resident phase shared by a fresh attach and an adoption: log, state file, signals, systemd
+// notifications, and the Supervisor (LINK_DEAD → reconnect → RECONFIGURE) until the device is
+// detached, a stop signal ends it, or reconnecting is given up.
+
+import fs from 'node:fs';
+import * as libc from '../../native-bindings/libc.ts';
+import { takeSocketFd } from '../kernel/attach.ts';
+import { devMajor, devMinor, indexFromMinor, moduleInfo, partShift } from '../kernel/device.ts';
+import { NBD_MAJOR } from '../kernel/constants.ts';
+import { describeUser, deviceUsers } from '../kernel/users.ts';
+import type { Connection } from '../client/negotiate.ts';
+import type { KernelOps } from './kernel-ops.ts';
+import type { ConnectionSource } from './source.ts';
+import type { Candidate } from './reconnector.ts';
+import type { Reporter } from './reporter.ts';
+import { type LogSink, createLogSink, openLogFile } from './log.ts';
+import { type SupervisorState, logDir, processIdentity, removeState, runDir, writeState } from './state.ts';
+import { Supervisor } from './supervisor.ts';
+
+/** What systemd is told (src/supervisor/notify.ts sends it when $NOTIFY_SOCKET is set). */
+export interface ServiceNotifier {
+  ready(status: string): void;
+  status(text: string): void;
+  stopping(): void;
+}
+const silentNotifier: ServiceNotifier = { ready: () => undefined, status: () => undefined, stopping: () => undefined };
+
+/**
+ * What -s/--swap and -m/--systemd-mark do to the process that stays resident for a device (the
+ * supervisor, or the -L process). Swap: the OOM killer must never pick the process that reconnects
+ * the swap device (nbd-client -swap does the same, plus mlockall, which V8 cannot survive: see
+ * docs/decisions.md). Systemd mark: systemd's shutdown leaves processes whose argv[0] starts with '@'
+ * alive (root or swap on NBD must outlive the unmount); Node's process.title rewrites argv in place.
+ */
+export function residentProcessSetup(how: { swap?: boolean | undefined; systemdMark?: boolean | undefined; device: string }, note: (m: string) => void): void {
+  if (how.systemdMark) process.title = `@nbd-attach ${how.device}`;
+  if (how.swap) {
+    try {
+      fs.writeFileSync('/proc/self/oom_score_adj', '-1000');
+    } catch (e) {
+      note(`--swap: cannot set oom_score_adj -1000: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  }
+}
+
+/** KernelOps whose LINK_DEAD events, arriving before anyone listens, are kept and replayed. */
+export class EarlySubscription implements KernelOps {
+  private early: number[] = [];
+  private handler: ((i: number) => void) | undefined;
+  constructor(private readonly inner: KernelOps) {}
+  async listen(): Promise<void> {
+    await this.inner.subscribe((i) => (this.handler ? this.handler(i) : this.early.push(i)));
+  }
+  async subscribe(onLinkDead: (index: number) => void): Promise<void> {
+    this.handler = onLinkDead;
+    for (const i of this.early.splice(0)) onLinkDead(i);
+  }
+  reconfigure(index: number, fds: readonly number[], change: { sizeBytes?: bigint; backend?: string }): Promise<void> {
+    return this.inner.reconfigure(index, fds, change);
+  }
+  disconnect(index: number): Promise<void> {
+    return this.inner.disconnect(index);
+  }
+  stillOurs(index: number, identifier: string | undefined): boolean {
+    return this.inner.stillOurs(index, identifier);
+  }
+  close(): void {
+    this.inner.close();
+  }
+}
+
+interface LiveCandidate extends Candidate {
+  conn: Connection;
+}
+
+/** True when a directory with st_dev `dev` lives on nbd`index` (or one of its partitions). */
+function onDevice(index: number): (dev: bigint) => boolean {
+  const shift = partShift(moduleInfo().maxPart ?? 0);
+  return (dev) => devMajor(dev) === NBD_MAJOR && indexFromMinor(devMinor(dev), shift).index === index;
+}
+
+/**
+ * The log of the resident phase. Foreground (-n) and under the journal ($JOURNAL_STREAM, inherited
+ * stderr): stderr. Otherwise nbdN.log under /var/log/nbd-attach/, or /run/nbd-attach/ when that is
+ * read-only or lives on the supervised device itself.
+ */
+export function openResidentLog(index: number, mode: 'foreground' | 'background'): { sink: LogSink; where: string; file?: string } {
+  const tag = `nbd${index}`;
+  const toStderr = mode === 'foreground' || process.env['JOURNAL_STREAM'] !== undefined;
+  if (toStderr) {
+    const prefix = mode === 'foreground' ? `nbd-attach: ${tag}: ` : `${tag}[${process.pid}]: `;
+    return { sink: createLogSink({ fd: 2 }, (m) => `${prefix}${m}`), where: 'logging to stderr' };
+  }
+  const { fd, file } = openLogFile(index, [logDir(), runDir()], onDevice(index));
+  const sink = createLogSink({ fd, file }, (m) => `${new Date().toISOString()} ${tag}[${process.pid}]: ${m}`);
+  // debug() and stray warnings go to the log too, bounded like the rest.
+  process.stderr.write = ((chunk: string | Uint8Array): boolean => {
+    sink.raw(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
+    return true;
+  }) as typeof process.stderr.write;
+  return { sink, where: `log ${file}`, file };
+}
+
+export interface ResidentHow {
+  source: ConnectionSource;
+  reconnectTimeout: number;
+  /**
+   * Replace every connection at once: an adopted device's links may have died while nobody
+   * listened (LINK_DEAD is sent once per socket), or were relayed (TLS) by the previous supervisor.
+   * RECONFIGURE fills dead slots only; a fresh socket offered while every link is alive is dropped by
+   * the kernel (drivers/block/nbd.c nbd_reconnect_socket: -ENOSPC, reported as success).
+   */
+  replaceAll?: 'adopted' | 'tls';
+  notifier?: ServiceNotifier;
+}
+
+export async function supervise(base: SupervisorState, ops: KernelOps, how: ResidentHow, rep: Reporter, mode: 'foreground' | 'background', summary: string): Promise<number> {
+  const { sink, where, file } = openResidentLog(base.index, mode);
+  const log = (m: string): void => sink.write(m);
+  const notifier = how.notifier ?? silentNotifier;
+  if (file !== undefined) base.logFile = file;
+  base.pidStart = processIdentity(process.pid)?.start;
+  process.on('uncaughtException', (e) => {
+    log(`internal error: ${e.stack ?? e.message}`);
+    const t = setTimeout(() => process.exit(1), 2000);
+    void sink.close().finally(() => {
+      clearTimeout(t);
+      process.exit(1);
+    });
+  });
+
+  residentProcessSetup({ swap: base.swap, systemdMark: base.systemdMark, device: base.device }, log);
+  if (base.swap && base.tls) log('note: --swap with TLS: every swapped page passes through this process (the TLS relay); it is kept from the OOM killer but not locked in memory');
+  const state: SupervisorState = { ...base };
+  const selfPids = new Set([process.pid]);
+  let lastStatus = '';
+  const statusText = (s: { liveConnections: number }): string =>
+    `${base.device}: ${base.server}, export '${base.export}', connections ${s.liveConnections}/${base.connections}, reconnects ${state.reconnects}`;
+  const sup = new Supervisor<LiveCandidate>(
+    {
+      index: base.index,
+      device: base.device,
+      identifier: base.identifier,
+      connections: base.connections,
+      size: BigInt(base.sizeBytes),
+      flags: base.flags,
+      deadTimeoutS: base.deadTimeoutS,
+      whenBusy: base.local ? 'stay' : 'leave',
+    },
+    {
+      kernel: ops,
+      now: () => Date.now(),
+      sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+      random: Math.random,
+      negotiate: async () => {
+        const c = await how.source.connect(how.reconnectTimeout);
+        return { size: c.info.size, flags: c.info.flags, conn: c, discard: () => c.socket.destroy() };
+      },
+      takeFd: (c) => takeSocketFd(c.conn.socket),
+      closeFd: (fd) => {
+        try {
+          libc.close(fd);
+        } catch {
+          /* already closed */
+        }
+      },
+      log,
+      users: () => deviceUsers(base.index, base.device, { selfPids }).map(describeUser),
+      stopping: () => notifier.stopping(),
+      saveState: (s) => {
+        state.reconnects = (base.reconnects ?? 0) + s.reconnects;
+        state.liveConnections = s.liveConnections;
+        state.sizeBytes = s.sizeBytes.toString();
+        if (s.lastError !== undefined) state.lastError = s.lastError;
+        writeState(state);
+        const text = statusText(s);
+        if (text !== lastStatus && lastStatus !== '') notifier.status(text);
+        lastStatus = text;
+      },
+      every: (ms, fn) => {
+        const t = setInterval(fn, ms);
+        return () => clearInterval(t);
+      },
+    },
+  );
+  await sup.start();
+  if (how.replaceAll === 'tls') log(`TLS: the previous supervisor relayed this device's connections, so they ended with it: replacing all ${base.connections}`);
+  if (how.replaceAll === 'adopted') log(`adopting: offering the kernel ${base.connections} fresh connection(s); dead links take them, live ones let them go`);
+  if (how.replaceAll) for (let i = 0; i < base.connections; i++) sup.onLinkDead(base.index);
+  const onSignal = (sig: NodeJS.Signals): void => void sup.terminate(sig);
+  for (const s of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(s, onSignal);
+  log(`${summary}; supervising (pid ${process.pid}, dead timeout ${base.deadTimeoutS} s, request timeout ${base.requestTimeoutS} s)`);
+  rep.ready(`${summary}, supervisor pid ${process.pid}, ${where}`);
+  lastStatus = statusText(state);
+  notifier.ready(lastStatus);
+
+  const end = await sup.ended;
+  for (const s of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.off(s, onSignal);
+  if (end.reason === 'gave-up' || end.reason === 'error') {
+    log(`supervisor stopped: ${end.error.message}`);
+    state.lastError = end.error.message;
+    try {
+      writeState({ ...state, pid: 0 });
+    } catch {
+      /* best effort */
+    }
+  } else if (end.reason === 'left') {
+    // The device stays attached: the state file stays for the next supervisor (this pid is then gone).
+  } else {
+    removeState(base.index);
+  }
+  log(`exit ${end.code}`);
+  await sink.close();
+  return end.code;
+}
