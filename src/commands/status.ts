@@ -4,7 +4,7 @@
 
 import type { Command } from 'commander';
 import { type Roots, DEFAULT_ROOTS, deviceState, listDevices, moduleInfo, resolveDevice } from '../kernel/device.ts';
-import { pidAlive, readState } from '../supervisor/state.ts';
+import { type SupervisorState, readState, supervisorAlive } from '../supervisor/state.ts';
 import { formatSize } from './common.ts';
 
 export interface DeviceStatusEntry {
@@ -21,7 +21,8 @@ export interface DeviceStatusEntry {
   local?: boolean;
   /** The connections use TLS (relayed by the supervisor). */
   tls?: boolean;
-  connections?: { live: number; total: number };
+  /** `live` is null while no supervisor runs: nobody watches the links, so nobody knows. */
+  connections?: { live: number | null; total: number };
   /** Supervisor process id while it runs; null when its state says it stopped or it died. */
   supervisorPid?: number | null;
   reconnects?: number;
@@ -30,7 +31,7 @@ export interface DeviceStatusEntry {
 }
 
 /** Pure-ish: one device's status from sysfs and its state file. */
-export function statusOf(index: number, devicePath: string, roots: Roots = DEFAULT_ROOTS, alive: (pid: number) => boolean = pidAlive): DeviceStatusEntry {
+export function statusOf(index: number, devicePath: string, roots: Roots = DEFAULT_ROOTS, alive: (s: SupervisorState) => boolean = supervisorAlive): DeviceStatusEntry {
   const st = deviceState(index, roots);
   const size = st.sizeBytes <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(st.sizeBytes) : st.sizeBytes.toString();
   const e: DeviceStatusEntry = { device: devicePath, index, attached: st.pid !== undefined, sizeBytes: size };
@@ -44,8 +45,8 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
     e.export = s.export;
     if (s.local) e.local = true;
     if (s.tls !== undefined) e.tls = true;
-    e.connections = { live: e.attached ? s.liveConnections : 0, total: s.connections };
-    e.supervisorPid = s.pid > 0 && alive(s.pid) ? s.pid : null;
+    e.supervisorPid = alive(s) ? s.pid : null;
+    e.connections = { live: !e.attached ? 0 : e.supervisorPid !== null ? s.liveConnections : null, total: s.connections };
     e.reconnects = s.reconnects;
     if (s.lastError !== undefined) e.lastError = s.lastError;
     if (s.logFile !== undefined) e.logFile = s.logFile;
@@ -61,7 +62,7 @@ export function formatStatus(e: DeviceStatusEntry): string {
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
   if (e.local && e.server !== undefined) parts.push(`served from ${e.server} by its supervisor`);
   else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}${e.tls ? ' over TLS' : ''}`);
-  if (e.connections) parts.push(`connections ${e.connections.live}/${e.connections.total}`);
+  if (e.connections) parts.push(`connections ${e.connections.live ?? '?'}/${e.connections.total}`);
   if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
   else if (e.local) parts.push('no supervisor (its server is gone: detach it)');
   else if (e.tls) parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');

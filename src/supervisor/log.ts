@@ -77,7 +77,7 @@ export function createLogSink(target: LogTarget, format: (message: string) => st
       return;
     }
     if (dropped > 0) {
-      const note = format(`${dropped} log line(s) dropped (the log could not keep up)`);
+      const note = `${format(`${dropped} log line(s) dropped (the log could not keep up)`)}\n`;
       dropped = 0;
       queue.push(note);
       queuedBytes += note.length;
@@ -117,7 +117,7 @@ export function createLogSink(target: LogTarget, format: (message: string) => st
   };
 
   const flushRepeats = (): void => {
-    if (repeats > 0) enqueue(format(`(the previous message repeated ${repeats} more time${repeats === 1 ? '' : 's'})`));
+    if (repeats > 0) enqueue(`${format(`(the previous message repeated ${repeats} more time${repeats === 1 ? '' : 's'})`)}\n`);
     repeats = 0;
   };
 

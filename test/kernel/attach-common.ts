@@ -33,7 +33,7 @@ export function sysPid(index: number): string | undefined {
   return existsSync(p) ? readFileSync(p, 'utf8').trim() : undefined;
 }
 
-/** A running `nbd-attach -L …` (ioctl mode stays in the foreground). */
+/** A running `nbd-attach -n -L …` (-n keeps the ioctl lifeline in the foreground, logging to stderr). */
 export interface Foreground {
   child: ChildProcess;
   device: string;
@@ -45,7 +45,7 @@ export interface Foreground {
 const foregrounds = new Set<ChildProcess>();
 
 export async function startForeground(args: readonly string[]): Promise<Foreground> {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, '-n', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   foregrounds.add(child);
   let out = '';
   let err = '';

@@ -45,7 +45,7 @@ test('ioctl -L (nbd-server): attach in the foreground, ext4 round trip, detach e
   const slow = ['--connect-timeout', '60'];
   const fg = await startForeground([...slow, '-N', 'disk', '-L', '127.0.0.1', String(server.port), '/dev/nbd2']);
   assert.equal(fg.device, '/dev/nbd2');
-  assert.match(fg.stdout(), /export 'disk', block size \d+, ioctl\n/);
+  assert.match(fg.stdout(), /export 'disk', block size \d+, ioctl, supervisor pid \d+, logging to stderr\n/);
   assert.equal(nbdSizeBytes(2), 64 * MiB);
   const pid = sysPid(2);
   assert.ok(pid, 'pid present on return');
@@ -265,7 +265,7 @@ test('-L (ioctl) over TLS: the relay runs beside NBD_DO_IT in the same process; 
   const file = await tmpFile(64 * MiB);
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', file]);
   const fg = await startForeground(['-L', '--tls-certificates', pki, `127.0.0.1:${server.port}`, '/dev/nbd3']);
-  assert.match(fg.stdout(), /^\/dev\/nbd3 attached: 64 MiB .*export \(default\) over TLS, block size \d+, ioctl\n/);
+  assert.match(fg.stdout(), /^\/dev\/nbd3 attached: 64 MiB .*export \(default\) over TLS, block size \d+, ioctl, supervisor pid \d+, logging to stderr\n/);
   const sums = await fillFilesystem(mounts, '/dev/nbd3');
   await verifyFilesystem(mounts, '/dev/nbd3', sums);
   assert.equal(await sha256('/dev/nbd3'), await sha256(file), "the server's file holds what went through the relay");

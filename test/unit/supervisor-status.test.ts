@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { formatStatus, statusOf } from '../../src/commands/status.ts';
-import { type SupervisorState, readState, removeState, stateFile, writeState } from '../../src/supervisor/state.ts';
+import { type SupervisorState, parseProcStat, pidAlive, processIdentity, readState, removeState, stateFile, supervisorAlive, writeState } from '../../src/supervisor/state.ts';
 
 let dir: string;
 let roots: { sys: string; dev: string; proc: string };
@@ -41,7 +41,7 @@ function state(over: Partial<SupervisorState>): SupervisorState {
 
 test('attached device with a live supervisor: everything from sysfs and the state file', () => {
   writeState(state({}));
-  const e = statusOf(0, '/dev/nbd0', roots, (pid) => pid === 1234);
+  const e = statusOf(0, '/dev/nbd0', roots, (s) => s.pid === 1234);
   assert.deepEqual(e, {
     device: '/dev/nbd0', index: 0, attached: true, sizeBytes: 67108864, kernelPid: 4242, identifier: 'id-0', server: '10.0.0.1:10809',
     export: 'disk', connections: { live: 3, total: 4 }, supervisorPid: 1234, reconnects: 2, lastError: 'connection refused',
@@ -52,7 +52,8 @@ test('attached device with a live supervisor: everything from sysfs and the stat
 test('supervisor dead: shown as no supervisor, with the hint to adopt', () => {
   const e = statusOf(0, '/dev/nbd0', roots, () => false);
   assert.equal(e.supervisorPid, null);
-  assert.match(formatStatus(e), /no supervisor \(adopt it with nbd-attach --reattach\)/);
+  assert.deepEqual(e.connections, { live: null, total: 4 }, 'nobody watches the links: live is unknown, not the last count');
+  assert.match(formatStatus(e), /connections \?\/4, no supervisor \(adopt it with nbd-attach --reattach\)/);
 });
 
 test('not attached, and a state file that belongs to another attachment is not shown', () => {
@@ -63,6 +64,18 @@ test('not attached, and a state file that belongs to another attachment is not s
   const e2 = statusOf(2, '/dev/nbd2', roots, () => true);
   assert.equal(e2.server, undefined);
   assert.equal(e2.supervisorPid, null);
+});
+
+test('process identity: a reused pid with another start time is not the supervisor', () => {
+  const me = processIdentity(process.pid);
+  assert.ok(me && /^\d+$/.test(me.start) && !me.gone);
+  assert.equal(pidAlive(process.pid, me.start), true);
+  assert.equal(pidAlive(process.pid, String(Number(me.start) + 1)), false);
+  assert.equal(supervisorAlive({ pid: process.pid, pidStart: me.start }), true);
+  assert.equal(supervisorAlive({ pid: 0 }), false);
+  assert.deepEqual(parseProcStat(7, '7 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 99887 20'), { pid: 7, start: '99887', gone: false });
+  assert.equal(parseProcStat(7, '7 (z) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 5 20')?.gone, true);
+  assert.equal(parseProcStat(7, 'garbage'), undefined);
 });
 
 test('state files: atomic write, read back, removed only by their owner', () => {
@@ -78,7 +91,7 @@ test('state files: atomic write, read back, removed only by their owner', () => 
 test('a TLS device: shown as such; without its supervisor, says that I/O waits for --reattach; settings read back', () => {
   writeState(state({ tls: { certificatesDir: '/etc/pki/nbd', hostname: 'disk.example' } }));
   assert.deepEqual(readState(0)?.tls, { certificatesDir: '/etc/pki/nbd', hostname: 'disk.example' }, 'the state file keeps the TLS settings for --reattach');
-  const live = statusOf(0, '/dev/nbd0', roots, (pid) => pid === 1234);
+  const live = statusOf(0, '/dev/nbd0', roots, (s) => s.pid === 1234);
   assert.equal(live.tls, true);
   assert.match(formatStatus(live), /export 'disk' over TLS, connections 3\/4, supervisor pid 1234/);
   const dead = statusOf(0, '/dev/nbd0', roots, () => false);
