@@ -9,6 +9,13 @@
 // Without $NOTIFY_SOCKET everything here is a no-op and the datagram code (koffi) is never loaded.
 // Sending never throws into the caller: a failed send is logged once through the injected `log`.
 // The formatting and the environment parsing are pure and exported for tests.
+//
+// Use, in the resident process (`-n`, or whichever process systemd knows as the main one):
+//   const notifier = await createNotifier({ log });   // once, before anything is spawned
+//   notifier.ready(deviceStatusText(state));          // once the device is usable (sysfs size set)
+//   notifier.status(deviceStatusText(state));         // when connections drop or come back
+//   notifier.stopping(`${device}: SIGTERM`);          // on SIGTERM/SIGINT, or once detached by -d
+//   await notifier.flush(); notifier.close();         // before exiting
 
 /** sd_notify(3) variables read here, and removed from the environment once read (see `unsetEnvironment`). */
 export const NOTIFY_ENV = ['NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID'] as const;
