@@ -475,6 +475,16 @@ export interface DetachOptions {
   selfPids?: ReadonlySet<number>;
 }
 
+/** The process (thread group) a thread id belongs to, from /proc/TID/status. */
+function threadGroupOf(tid: number, roots: Roots): number | undefined {
+  try {
+    const m = /^Tgid:\s*(\d+)$/m.exec(fs.readFileSync(`${roots.proc}/${tid}/status`, 'utf8'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** The refusal of a disconnect that would take a disk from its user. */
 export function inUseError(op: string, device: string, users: readonly DeviceUser[]): NbdError {
   return new NbdError(
@@ -500,7 +510,11 @@ export async function detach(opts: DetachOptions): Promise<DetachResult> {
   if (st.pid === undefined) return { index: dev.index, device: dev.path, wasAttached: false };
   if (!opts.force) {
     // A refusal sends nothing to the kernel: the device keeps serving exactly as before.
-    const users = deviceUsers(dev.index, dev.path, { roots, ...(opts.selfPids ? { selfPids: opts.selfPids } : {}) });
+    // The process holding NBD_DO_IT (-L) has the device open by design: it is the device's lifeline, not a user.
+    const own = new Set([process.pid, ...(opts.selfPids ?? [])]);
+    const holder = threadGroupOf(st.pid, roots);
+    if (holder !== undefined) own.add(holder);
+    const users = deviceUsers(dev.index, dev.path, { roots, selfPids: own });
     if (users.length) throw inUseError(op, dev.path, users);
   }
   opts.beforeDisconnect?.(dev.index);

@@ -143,6 +143,10 @@ export const SO_RCVTIMEO = 20;
 export const SOCK_RAW = 3;
 /** include/linux/net.h: SOCK_STREAM 1. */
 export const SOCK_STREAM = 1;
+/** include/linux/net.h: SOCK_DGRAM 2 (sd_notify's datagrams). */
+export const SOCK_DGRAM = 2;
+/** include/uapi/linux/un.h: UNIX_PATH_MAX 108, the size of sockaddr_un's sun_path (after the u16 family). */
+export const UNIX_PATH_MAX = 108;
 export const SOCK_CLOEXEC = 0o2000000;
 export const SOCK_NONBLOCK = 0o4000;
 /** include/linux/socket.h: MSG_PEEK 2, MSG_TRUNC 0x20, MSG_DONTWAIT 0x40. */

@@ -19,6 +19,7 @@ import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from './policy.ts';
 import { takeDetachRequested } from './state.ts';
 import { lockDevice } from './lock.ts';
 import { type ServiceNotifier, openResidentLog, residentProcessSetup } from './resident.ts';
+import { createNotifier } from '../systemd/notify.ts';
 
 type DoItEnd = { ret: number; message?: string };
 
@@ -52,6 +53,7 @@ export async function ioctlLifeline(
   lockDevice(r.index, r.device, 'attach');
   const { sink, where } = openResidentLog(r.index, how.mode);
   const log = (m: string): void => sink.write(m);
+  const notifier: ServiceNotifier = how.notifier ?? (await createNotifier({ log }));
   residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, log);
   takeDetachRequested(r.index); // a marker left by an earlier detach of this device is not for us
   let stopping = false;
@@ -64,7 +66,7 @@ export async function ioctlLifeline(
       return;
     }
     stopping = true;
-    how.notifier?.stopping();
+    notifier.stopping(`${r.device}: ${sig}, disconnecting`);
     log(`${sig}: ${r.device} is not in use: disconnecting it`);
     try {
       ioctlDisconnect(r.device);
@@ -75,7 +77,7 @@ export async function ioctlLifeline(
   for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
   log(`${summary}; holding it (pid ${process.pid}); reconnects when the link dies`);
   rep.ready(`${summary}, supervisor pid ${process.pid}, ${where}`);
-  how.notifier?.ready(`${r.device}: ${source.server}, ioctl`);
+  notifier.ready(`${r.device}: ${source.server}, ioctl`);
   try {
     let done: Promise<DoItEnd> = r.done;
     for (;;) {
@@ -87,17 +89,20 @@ export async function ioctlLifeline(
         break;
       }
       log(`${r.device}: the connection died${end.message ? ` (${end.message})` : ''}: reconnecting (ioctl mode: I/O fails until then)`);
-      how.notifier?.status(`${r.device}: reconnecting`);
+      notifier.status(`${r.device}: reconnecting`);
       const again = await reconnect(source, r.device, opts, log, () => stopping);
       if (!again) break;
       log(`${r.device} reconnected`);
-      how.notifier?.status(`${r.device}: ${source.server}, ioctl`);
+      notifier.status(`${r.device}: ${source.server}, ioctl`);
       done = again.done;
     }
   } finally {
     for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
   }
   log(`${r.device} disconnected`);
+  notifier.stopping(`${r.device}: disconnected`);
+  await notifier.flush();
+  notifier.close();
   await sink.close();
   return 0;
 }

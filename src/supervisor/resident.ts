@@ -16,14 +16,10 @@ import type { Reporter } from './reporter.ts';
 import { type LogSink, createLogSink, openLogFile } from './log.ts';
 import { type SupervisorState, logDir, processIdentity, removeState, runDir, writeState } from './state.ts';
 import { Supervisor } from './supervisor.ts';
+import { type Notifier, createNotifier, deviceStatusText } from '../systemd/notify.ts';
 
-/** What systemd is told (src/supervisor/notify.ts sends it when $NOTIFY_SOCKET is set). */
-export interface ServiceNotifier {
-  ready(status: string): void;
-  status(text: string): void;
-  stopping(): void;
-}
-const silentNotifier: ServiceNotifier = { ready: () => undefined, status: () => undefined, stopping: () => undefined };
+/** What systemd is told (src/systemd/notify.ts; a no-op without $NOTIFY_SOCKET). */
+export type ServiceNotifier = Pick<Notifier, 'ready' | 'status' | 'stopping' | 'flush' | 'close'>;
 
 /**
  * What -s/--swap and -m/--systemd-mark do to the process that stays resident for a device (the
@@ -117,7 +113,9 @@ export interface ResidentHow {
 export async function supervise(base: SupervisorState, ops: KernelOps, how: ResidentHow, rep: Reporter, mode: 'foreground' | 'background', summary: string): Promise<number> {
   const { sink, where, file } = openResidentLog(base.index, mode);
   const log = (m: string): void => sink.write(m);
-  const notifier = how.notifier ?? silentNotifier;
+  // Created here, in the process systemd knows as the main one (-n); it takes $NOTIFY_SOCKET out of
+  // the environment so nothing this process starts can speak for the unit.
+  const notifier: ServiceNotifier = how.notifier ?? (await createNotifier({ log }));
   if (file !== undefined) base.logFile = file;
   base.pidStart = processIdentity(process.pid)?.start;
   process.on('uncaughtException', (e) => {
@@ -134,8 +132,6 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
   const state: SupervisorState = { ...base };
   const selfPids = new Set([process.pid]);
   let lastStatus = '';
-  const statusText = (s: { liveConnections: number }): string =>
-    `${base.device}: ${base.server}, export '${base.export}', connections ${s.liveConnections}/${base.connections}, reconnects ${state.reconnects}`;
   const sup = new Supervisor<LiveCandidate>(
     {
       index: base.index,
@@ -166,14 +162,14 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
       },
       log,
       users: () => deviceUsers(base.index, base.device, { selfPids }).map(describeUser),
-      stopping: () => notifier.stopping(),
+      stopping: () => notifier.stopping(`${base.device}: stopping`),
       saveState: (s) => {
         state.reconnects = (base.reconnects ?? 0) + s.reconnects;
         state.liveConnections = s.liveConnections;
         state.sizeBytes = s.sizeBytes.toString();
         if (s.lastError !== undefined) state.lastError = s.lastError;
         writeState(state);
-        const text = statusText(s);
+        const text = deviceStatusText(state);
         if (text !== lastStatus && lastStatus !== '') notifier.status(text);
         lastStatus = text;
       },
@@ -191,7 +187,8 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
   for (const s of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(s, onSignal);
   log(`${summary}; supervising (pid ${process.pid}, dead timeout ${base.deadTimeoutS} s, request timeout ${base.requestTimeoutS} s)`);
   rep.ready(`${summary}, supervisor pid ${process.pid}, ${where}`);
-  lastStatus = statusText(state);
+  // READY=1 only now: the device is usable (attach() waited for its size) and supervised.
+  lastStatus = deviceStatusText(state);
   notifier.ready(lastStatus);
 
   const end = await sup.ended;
@@ -209,6 +206,9 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
   } else {
     removeState(base.index);
   }
+  notifier.stopping(`${base.device}: ${end.reason === 'left' ? 'left attached (in use)' : end.reason}`);
+  await notifier.flush();
+  notifier.close();
   log(`exit ${end.code}`);
   await sink.close();
   return end.code;
