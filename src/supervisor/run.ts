@@ -24,6 +24,7 @@ import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, RECONNECT_ATTEMPT_TI
 import type { Candidate } from './reconnector.ts';
 import { type SupervisorState, openLog, pidAlive, readState, removeState, writeState } from './state.ts';
 import { Supervisor } from './supervisor.ts';
+import { display, oneLine } from '../text.ts';
 
 const debug = createDebug('nbd:supervisor');
 
@@ -354,7 +355,7 @@ async function attachFrom(
     ops.close();
     throw e;
   }
-  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? display(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
 
   if (r.interface === 'ioctl' || r.done) {
@@ -469,7 +470,7 @@ async function adopt(
     startedAt: new Date().toISOString(),
     updatedAt: new Date().toISOString(),
   };
-  const name = exportName === '' ? '(default)' : `'${exportName}'`;
+  const name = exportName === '' ? '(default)' : `'${display(exportName)}'`;
   // TLS: the kernel's sockets were relayed by the previous supervisor and died with it: replace them all.
   const replaceAll = target.tls !== false;
   return supervise(
@@ -504,7 +505,7 @@ async function supervise(
         /* disk full: nothing better to do */
       }
     };
-    log = (m) => write(`${new Date().toISOString()} ${tag}[${process.pid}]: ${m}\n`);
+    log = (m) => write(`${new Date().toISOString()} ${tag}[${process.pid}]: ${oneLine(m)}\n`);
     // debug() and stray warnings go to the log too.
     process.stderr.write = ((chunk: string | Uint8Array): boolean => {
       write(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
@@ -512,7 +513,7 @@ async function supervise(
     }) as typeof process.stderr.write;
   } else {
     where = 'logging to stderr';
-    log = (m) => process.stderr.write(`nbd-attach: ${tag}: ${m}\n`);
+    log = (m) => process.stderr.write(`nbd-attach: ${tag}: ${oneLine(m)}\n`);
   }
   process.on('uncaughtException', (e) => {
     log(`internal error: ${e.stack ?? e.message}`);
