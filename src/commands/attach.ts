@@ -14,6 +14,7 @@ import { takeDetachRequested } from '../supervisor/state.ts';
 import { type SupervisedAttachOptions, openSource, residentProcessSetup, runSupervisedAttach } from '../supervisor/run.ts';
 import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
 import type { ConnectionSource } from '../supervisor/source.ts';
+import { display, oneLine } from '../text.ts';
 
 export interface AttachCliOptions extends ServerOptions {
   optgo: boolean;
@@ -167,7 +168,7 @@ async function attachIoctl(source: ConnectionSource, device: string | undefined,
     useIoctl,
     notice,
   });
-  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? display(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
   process.stdout.write(
     `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
   );
@@ -226,7 +227,7 @@ async function reconnectIoctl(
       if (!r.done) throw new Error('the kernel did not start NBD_DO_IT');
       return { done: r.done }; // wrapped: an async function would otherwise wait for DO_IT to end
     } catch (e) {
-      if (attempt % 10 === 0) process.stderr.write(`nbd-attach: ${device}: reconnect failed: ${(e as Error).message}\n`);
+      if (attempt % 10 === 0) process.stderr.write(`nbd-attach: ${device}: reconnect failed: ${oneLine((e as Error).message)}\n`);
       await new Promise((res) => setTimeout(res, backoffDelay(attempt, Math.random())));
     }
   }

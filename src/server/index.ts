@@ -49,7 +49,8 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-function checkExports(exports: readonly ServedExport[]): void {
+/** Usage errors for exports no server may offer (exported for tests). */
+export function checkExports(exports: readonly ServedExport[]): void {
   if (exports.length === 0) throw new NbdError('NBD_E_USAGE', 'serve: no exports; give a FILE or --memory SIZE');
   const seen = new Set<string>();
   for (const e of exports) {
