@@ -27,14 +27,22 @@ const lenientUtf8 = new TextDecoder('utf-8', { fatal: false, ignoreBOM: true });
 function utf8SequenceAt(b: Uint8Array, i: number): number {
   const c = b[i]!;
   if (c < 0x80) return 1;
-  const cont = (k: number, lo = 0x80, hi = 0xbf): boolean => i + k < b.length && b[i + k]! >= lo && b[i + k]! <= hi;
-  if (c >= 0xc2 && c <= 0xdf) return cont(1) ? 2 : 0;
-  if (c === 0xe0) return cont(1, 0xa0) && cont(2) ? 3 : 0;
-  if ((c >= 0xe1 && c <= 0xec) || c === 0xee || c === 0xef) return cont(1) && cont(2) ? 3 : 0;
-  if (c === 0xed) return cont(1, 0x80, 0x9f) && cont(2) ? 3 : 0;
-  if (c === 0xf0) return cont(1, 0x90) && cont(2) && cont(3) ? 4 : 0;
-  if (c >= 0xf1 && c <= 0xf3) return cont(1) && cont(2) && cont(3) ? 4 : 0;
-  if (c === 0xf4) return cont(1, 0x80, 0x8f) && cont(2) && cont(3) ? 4 : 0;
+  const n = b.length;
+  const c1 = i + 1 < n ? b[i + 1]! : -1;
+  const c2 = i + 2 < n ? b[i + 2]! : -1;
+  const c3 = i + 3 < n ? b[i + 3]! : -1;
+  const tail = (x: number): boolean => x >= 0x80 && x <= 0xbf;
+  if (c >= 0xc2 && c <= 0xdf) return tail(c1) ? 2 : 0;
+  if (c >= 0xe0 && c <= 0xef) {
+    const lo = c === 0xe0 ? 0xa0 : 0x80;
+    const hi = c === 0xed ? 0x9f : 0xbf; // ED A0..BF would encode a surrogate
+    return c1 >= lo && c1 <= hi && tail(c2) ? 3 : 0;
+  }
+  if (c >= 0xf0 && c <= 0xf4) {
+    const lo = c === 0xf0 ? 0x90 : 0x80;
+    const hi = c === 0xf4 ? 0x8f : 0xbf; // F4 90.. would be above U+10FFFF
+    return c1 >= lo && c1 <= hi && tail(c2) && tail(c3) ? 4 : 0;
+  }
   return 0;
 }
 
@@ -43,25 +51,45 @@ export function decodeWire(b: Uint8Array): string {
   try {
     return strictUtf8.decode(b);
   } catch {
-    /* not valid UTF-8: escape the bad bytes */
+    /* not valid UTF-8: decode here, escaping the bad bytes */
   }
-  let out = '';
-  let start = 0;
-  let i = 0;
-  while (i < b.length) {
-    const n = utf8SequenceAt(b, i);
-    if (n > 0) {
-      i += n;
+  const units = new Uint16Array(b.length); // never more UTF-16 units than bytes
+  let u = 0;
+  for (let i = 0; i < b.length; ) {
+    const c = b[i]!;
+    const len = utf8SequenceAt(b, i);
+    if (len === 0) {
+      units[u++] = 0xdc00 + c;
+      i++;
       continue;
     }
-    out += strictUtf8.decode(b.subarray(start, i)) + String.fromCharCode(0xdc00 + b[i]!);
-    start = ++i;
+    if (len === 1) {
+      units[u++] = c;
+    } else {
+      let cp =
+        len === 2
+          ? ((c & 0x1f) << 6) | (b[i + 1]! & 0x3f)
+          : len === 3
+            ? ((c & 0x0f) << 12) | ((b[i + 1]! & 0x3f) << 6) | (b[i + 2]! & 0x3f)
+            : ((c & 0x07) << 18) | ((b[i + 1]! & 0x3f) << 12) | ((b[i + 2]! & 0x3f) << 6) | (b[i + 3]! & 0x3f);
+      if (cp > 0xffff) {
+        cp -= 0x10000;
+        units[u++] = 0xd800 + (cp >> 10);
+        units[u++] = 0xdc00 + (cp & 0x3ff);
+      } else {
+        units[u++] = cp;
+      }
+    }
+    i += len;
   }
-  return out + strictUtf8.decode(b.subarray(start));
+  let out = '';
+  for (let k = 0; k < u; k += 8192) out += String.fromCharCode(...units.subarray(k, Math.min(u, k + 8192)));
+  return out;
 }
 
 /** A surrogate U+DC80..U+DCFF with no high surrogate before it: one raw byte. */
 const RAW_BYTE = /(?<![\ud800-\udbff])[\udc80-\udcff]/;
+const RAW_BYTES = new RegExp(RAW_BYTE.source, 'g');
 
 /** True when the string carries bytes that are not valid UTF-8 (from `decodeWire`). */
 export function hasRawBytes(s: string): boolean {
@@ -72,18 +100,12 @@ export function hasRawBytes(s: string): boolean {
 export function encodeWire(s: string): Buffer {
   if (!hasRawBytes(s)) return Buffer.from(s, 'utf8');
   const parts: Buffer[] = [];
-  let run = '';
-  for (const ch of s) {
-    const c = ch.charCodeAt(0);
-    if (ch.length === 1 && c >= 0xdc80 && c <= 0xdcff) {
-      if (run) parts.push(Buffer.from(run, 'utf8'));
-      run = '';
-      parts.push(Buffer.of(c - 0xdc00));
-    } else {
-      run += ch;
-    }
+  let last = 0;
+  for (const m of s.matchAll(RAW_BYTES)) {
+    parts.push(Buffer.from(s.slice(last, m.index), 'utf8'), Buffer.of(m[0].charCodeAt(0) - 0xdc00));
+    last = m.index + 1;
   }
-  if (run) parts.push(Buffer.from(run, 'utf8'));
+  parts.push(Buffer.from(s.slice(last), 'utf8'));
   return Buffer.concat(parts);
 }
 
@@ -93,29 +115,28 @@ export function wireLength(s: string): number {
 }
 
 /**
- * Characters made visible (besides C0, DEL and lone surrogates, handled first): controls (C1), format
- * characters (bidi embeddings/overrides U+202A-202E, isolates U+2066-2069, marks U+200E/200F/061C,
- * zero-width U+200B-200D, word joiner, BOM, tags…), line/paragraph separators, every space but U+0020,
- * unassigned code points, and invisible characters of other categories (combining grapheme joiner,
- * Hangul fillers, Braille blank).
+ * Characters made visible: C0 controls and DEL; lone surrogates (raw bytes, or a broken JS string);
+ * other controls (C1); format characters (bidi embeddings/overrides U+202A-202E, isolates
+ * U+2066-2069, marks U+200E/200F/061C, zero-width U+200B-200D, word joiner, BOM, tags…); line and
+ * paragraph separators; every space but U+0020 (the Zs category, listed: U+00A0, U+1680,
+ * U+2000-200A, U+202F, U+205F, U+3000); unassigned code points; and invisible characters of other
+ * categories (combining grapheme joiner, Hangul fillers, Braille blank). In `u` mode a surrogate
+ * pair is one code point, so `[\ud800-\udfff]` only matches lone surrogates.
  */
-const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Zs}\p{Cn}\u034f\u115f\u1160\u2800\u3164\uffa0]/u;
+const UNSAFE_SOURCE =
+  '[\\x00-\\x1f\\x7f]|[\\ud800-\\udfff]|[\\p{Cc}\\p{Cf}\\p{Zl}\\p{Zp}\\p{Cn}\\u00a0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000\\u034f\\u115f\\u1160\\u2800\\u3164\\uffa0]';
+const UNSAFE_ONE = new RegExp(`^(?:${UNSAFE_SOURCE})$`, 'u');
+const UNSAFE_ALL = new RegExp(UNSAFE_SOURCE, 'gu');
 
-function escapeOf(ch: string): string | undefined {
+/** How `display` writes one unsafe character (a code point, or a lone surrogate). */
+function escapeUnsafe(ch: string): string {
   const c = ch.codePointAt(0)!;
-  if (c < 0x20 || c === 0x7f) {
-    if (c === 0x0a) return '\\n';
-    if (c === 0x0d) return '\\r';
-    if (c === 0x09) return '\\t';
-    return `\\x${c.toString(16).padStart(2, '0')}`;
-  }
-  if (c === 0x20) return undefined;
-  if (c < 0x7f) return undefined;
-  if (ch.length === 1 && c >= 0xd800 && c <= 0xdfff) {
-    // A lone surrogate: a raw byte from decodeWire, or a broken JS string.
-    return c >= 0xdc80 && c <= 0xdcff ? `\\x${(c - 0xdc00).toString(16)}` : `\\u${c.toString(16)}`;
-  }
-  if (!INVISIBLE.test(ch)) return undefined;
+  if (c === 0x0a) return '\\n';
+  if (c === 0x0d) return '\\r';
+  if (c === 0x09) return '\\t';
+  if (c < 0x20 || c === 0x7f) return `\\x${c.toString(16).padStart(2, '0')}`;
+  // A lone surrogate U+DC80..U+DCFF is a raw byte (decodeWire): shown as the byte.
+  if (ch.length === 1 && c >= 0xdc80 && c <= 0xdcff) return `\\x${(c - 0xdc00).toString(16)}`;
   return c > 0xffff ? `\\u{${c.toString(16)}}` : `\\u${c.toString(16).padStart(4, '0')}`;
 }
 
@@ -128,21 +149,24 @@ export const DISPLAY_MAX = 256;
  * full length on the wire. `max: Infinity` never cuts (whole error and log lines).
  */
 export function display(s: string, max: number = DISPLAY_MAX): string {
+  const whole = s.replace(UNSAFE_ALL, escapeUnsafe);
+  // UTF-16 units ≥ characters: within `max` units, nothing needs cutting.
+  if (whole.length <= max) return whole;
   let out = '';
   let shown = 0;
   for (const ch of s) {
-    const e = escapeOf(ch) ?? ch;
+    const e = UNSAFE_ONE.test(ch) ? escapeUnsafe(ch) : ch;
     const width = e === ch ? 1 : e.length;
     if (shown + width > max) return `${out}…[${wireLength(s)} bytes]`;
     out += e;
     shown += width;
   }
-  return out;
+  return whole;
 }
 
 /** A whole line (an error message, a log line): `display` without cutting. */
 export function oneLine(s: string): string {
-  return display(s, Infinity);
+  return s.replace(UNSAFE_ALL, escapeUnsafe);
 }
 
 /** The string as a UTF-8 decoder would give its bytes (raw bytes → U+FFFD): what JSON can carry. */
@@ -162,8 +186,9 @@ export function jsonString(field: string, s: string): Record<string, string> {
  * so the value read back is exactly the same.
  */
 export function jsonText(value: unknown): string {
-  return JSON.stringify(value, null, 2).replace(/[^\x00-\x7e]/gu, (ch) => {
-    if (escapeOf(ch) === undefined) return ch;
+  // Raw C0 characters in JSON text are its own line breaks and indentation (strings have them escaped).
+  return JSON.stringify(value, null, 2).replace(UNSAFE_ALL, (ch) => {
+    if (ch.charCodeAt(0) < 0x20) return ch;
     let r = '';
     for (let i = 0; i < ch.length; i++) r += `\\u${ch.charCodeAt(i).toString(16).padStart(4, '0')}`;
     return r;
