@@ -168,7 +168,7 @@ async function attachIoctl(source: ConnectionSource, device: string | undefined,
     useIoctl,
     notice,
   });
-  const name = source.endpoint === undefined ? display(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
   process.stdout.write(
     `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
   );

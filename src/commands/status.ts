@@ -64,7 +64,8 @@ export function formatStatus(e: DeviceStatusEntry): string {
   const lastError = e.lastError !== undefined ? oneLine(e.lastError) : undefined;
   if (!e.attached) return `${e.device}: not attached${lastError ? ` (last error: ${lastError})` : ''}`;
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
-  const server = e.server !== undefined ? display(e.server) : undefined;
+  // The server is an address or a local image's path (ours, never cut); the export name is the server's.
+  const server = e.server !== undefined ? oneLine(e.server) : undefined;
   if (e.local && server !== undefined) parts.push(`served from ${server} by its supervisor`);
   else if (server !== undefined) parts.push(`server ${server}`, `export ${e.export === '' ? '(default)' : `'${display(e.export ?? '')}'`}${e.tls ? ' over TLS' : ''}`);
   if (e.connections) parts.push(`connections ${e.connections.live}/${e.connections.total}`);

@@ -355,7 +355,7 @@ async function attachFrom(
     ops.close();
     throw e;
   }
-  const name = source.endpoint === undefined ? display(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
 
   if (r.interface === 'ioctl' || r.done) {
