@@ -12,8 +12,9 @@
 // `\xNN`, C1 controls, format characters (bidi overrides and isolates, zero-width characters, BOM,
 // tags), line and paragraph separators, spaces other than U+0020, invisible fillers and unassigned
 // code points as `\uXXXX` (`\u{XXXXX}` above the BMP) — and long strings cut with a marker that gives
-// the full length in bytes. Backslashes are left as they are, so `display` applied to its own output
-// changes nothing: an error line that quotes a name already shown can be passed through it again.
+// the full length in bytes. Backslashes are left as they are, so `oneLine` (display without cutting)
+// applied to its own output changes nothing: an error or log line that quotes a name already shown
+// can be passed through it again.
 //
 // For scripts (`jsonText`, `jsonString`): the exact string, JSON-escaped, with the same characters
 // escaped as `\uXXXX` (so JSON on a terminal is safe too). JSON cannot carry bytes that are not
