@@ -3,6 +3,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { ExitCode, NbdError, exitCodeOf } from './errors.ts';
+import { oneLine as printable } from './text.ts';
 import * as listCommand from './commands/list.ts';
 import * as infoCommand from './commands/info.ts';
 import * as serveCommand from './commands/serve.ts';
@@ -79,7 +80,8 @@ function oneLine(str: string): string {
 export function reportError(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : ExitCode.USAGE;
   const message = err instanceof NbdError ? err.message : err instanceof Error ? err.message : String(err);
-  process.stderr.write(`nbd-attach: ${message}\n`);
+  // One line whatever it quotes (a server's text, a name): controls made visible (src/text.ts).
+  process.stderr.write(`nbd-attach: ${printable(message)}\n`);
   if (process.env.DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
   return exitCodeOf(err);
 }

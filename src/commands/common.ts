@@ -8,6 +8,7 @@ import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
 import { transmissionFlagNames } from '../protocol/constants.ts';
 import type { ExportInfo } from '../protocol/handshake.ts';
 import { formatByteCount } from '../server/size.ts';
+import { jsonString } from '../text.ts';
 
 export interface ServerOptions {
   name?: string;
@@ -108,13 +109,16 @@ export function formatFlags(flags: number): string {
   return names.length ? names.join(', ') : 'none';
 }
 
-/** An export as plain JSON (sizes as numbers when exact, strings otherwise). */
+/**
+ * An export as plain JSON (sizes as numbers when exact, strings otherwise). Names and descriptions are
+ * the server's exact strings; one that is not valid UTF-8 also comes as `<field>Hex` (src/text.ts).
+ */
 export function exportJson(info: ExportInfo): Record<string, unknown> {
   const size = info.size <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(info.size) : info.size.toString();
   return {
-    name: info.name,
-    ...(info.canonicalName !== undefined ? { canonicalName: info.canonicalName } : {}),
-    ...(info.description !== undefined ? { description: info.description } : {}),
+    ...jsonString('name', info.name),
+    ...(info.canonicalName !== undefined ? jsonString('canonicalName', info.canonicalName) : {}),
+    ...(info.description !== undefined ? jsonString('description', info.description) : {}),
     size,
     flags: info.flags,
     flagNames: transmissionFlagNames(info.flags).map((f) => f.toLowerCase()),

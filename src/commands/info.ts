@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
 import { exportInfo } from '../client/negotiate.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
+import { display, jsonText } from '../text.ts';
 
 export function register(program: Command): void {
   addServerOptions(program.command('info'))
@@ -17,17 +18,18 @@ export function register(program: Command): void {
       const info = r.info!;
       if (opts.json) {
         const out = { server: describeEndpoint(target.endpoint), handshake: r.style, via: r.via, tls: target.tls !== false, ...(r.note ? { note: r.note } : {}), ...exportJson(info) };
-        process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+        process.stdout.write(`${jsonText(out)}\n`);
         return;
       }
       if (r.note) process.stderr.write(`nbd-attach: note: ${r.note}\n`);
+      // Names and descriptions are the server's to choose: one line each, escapes visible (src/text.ts).
       const lines = [
-        `export:      ${info.name === '' ? '(default)' : info.name}${info.canonicalName !== undefined ? ` (server calls it '${info.canonicalName}')` : ''}`,
+        `export:      ${info.name === '' ? '(default)' : display(info.name)}${info.canonicalName !== undefined ? ` (server calls it '${display(info.canonicalName)}')` : ''}`,
         `size:        ${info.size} bytes (${formatSize(info.size)})`,
         `flags:       ${formatFlags(info.flags)}`,
       ];
       if (info.blockSize) lines.push(`block size:  minimum ${info.blockSize.min}, preferred ${info.blockSize.preferred}, maximum ${info.blockSize.max}`);
-      if (info.description) lines.push(`description: ${info.description}`);
+      if (info.description) lines.push(`description: ${display(info.description)}`);
       lines.push(`server:      ${describeEndpoint(target.endpoint)} (${r.style}, ${r.via}${target.tls !== false ? ', TLS' : ''})`);
       process.stdout.write(`${lines.join('\n')}\n`);
     });

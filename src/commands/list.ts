@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
 import { listExports } from '../client/negotiate.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
+import { display, jsonString, jsonText, oneLine } from '../text.ts';
 
 export function register(program: Command): void {
   addServerOptions(program.command('list').alias('ls'), { name: false })
@@ -23,13 +24,14 @@ export function register(program: Command): void {
           tls: target.tls !== false,
           ...(r.note ? { note: r.note } : {}),
           exports: exports.map((e) => ({
-            name: e.name,
-            description: e.description,
             ...(e.info ? exportJson(e.info) : {}),
+            // NBD_INFO_DESCRIPTION when the server sent one, else NBD_REP_SERVER's.
+            ...jsonString('name', e.name),
+            ...jsonString('description', e.info?.description ?? e.description),
             ...(e.infoError ? { error: e.infoError } : {}),
           })),
         };
-        process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+        process.stdout.write(`${jsonText(out)}\n`);
         return;
       }
       if (r.note) process.stderr.write(`nbd-attach: note: ${r.note}\n`);
@@ -37,16 +39,17 @@ export function register(program: Command): void {
         process.stdout.write(`${describeEndpoint(target.endpoint)} lists no exports\n`);
         return;
       }
+      // One line per export, whatever the server put in its names and descriptions (src/text.ts).
       for (const e of exports) {
-        const name = e.name === '' ? '(default)' : e.name;
+        const name = e.name === '' ? '(default)' : display(e.name);
         const parts = [name];
         if (e.info) {
           parts.push(formatSize(e.info.size), formatFlags(e.info.flags));
           if (e.info.blockSize) parts.push(`block ${e.info.blockSize.min}/${e.info.blockSize.preferred}/${e.info.blockSize.max}`);
         }
-        if (e.infoError) parts.push(`(${e.infoError})`);
+        if (e.infoError) parts.push(`(${oneLine(e.infoError)})`);
         const description = e.description || e.info?.description;
-        if (description) parts.push(`- ${description}`);
+        if (description) parts.push(`- ${display(description)}`);
         process.stdout.write(`${parts.join('\t')}\n`);
       }
     });

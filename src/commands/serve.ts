@@ -1,4 +1,4 @@
-// `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--port N | --unix PATH]
+// `nbd-attach serve FILE|NAME=FILE… [--memory SIZE]… [--name EXPORT]… [--description TEXT]… [--port N | --unix PATH]
 //  [--bind ADDR] [--read-only] [--tls on|require (--tls-certificates DIR [--tls-verify-peer] | --tls-psk FILE)]`: the built-in NBD server,
 //  usable by any NBD client.
 
@@ -12,10 +12,12 @@ import type { ConnectionOptions } from '../server/connection.ts';
 import { fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
 import { isReadOnly } from '../server/export.ts';
 import { loadPskFile } from '../tls-files.ts';
+import { display } from '../text.ts';
 
 interface ServeOptions {
   memory: string[];
   name: string[];
+  description: string[];
   port?: number;
   unix?: string;
   bind: string;
@@ -122,9 +124,9 @@ export function planExports(files: readonly string[], memory: readonly string[],
 }
 
 function describe(e: ServedExport): string {
-  const name = e.name === '' ? '(default)' : e.name;
+  const name = e.name === '' ? '(default)' : display(e.name);
   const size = e.backend.description.startsWith('memory') ? '' : `, ${formatSize(e.backend.size)}`;
-  return `${name} (${e.backend.description}${size}${isReadOnly(e) ? ', read-only' : ''})`;
+  return `${name} (${display(e.backend.description)}${size}${isReadOnly(e) ? ', read-only' : ''})`;
 }
 
 export function register(program: Command): void {
@@ -134,6 +136,7 @@ export function register(program: Command): void {
     .argument('[files...]', 'FILE or NAME=FILE to export (regular file or block device)')
     .option('-m, --memory <size>', 'also export a sparse in-memory disk of SIZE (e.g. 1G, 512M); repeatable', collect, [])
     .option('-N, --name <export>', 'name for the next unnamed export, in order; repeatable (default: file name)', collect, [])
+    .option('-D, --description <text>', 'description for the exports in order (NBD_INFO_DESCRIPTION, NBD_OPT_LIST); repeatable (default: what backs it, e.g. "file /srv/disk.img")', collect, [])
     .option('-p, --port <n>', `TCP port (default ${DEFAULT_PORT}; 0 picks a free one)`, port)
     .option('-u, --unix <path>', 'listen on a unix-domain socket instead of TCP')
     .option('-b, --bind <addr>', 'address to listen on', '127.0.0.1')
@@ -148,11 +151,16 @@ export function register(program: Command): void {
         throw new NbdError('NBD_E_USAGE', 'serve: give either --port or --unix, not both');
       }
       const plan = planExports(files, opts.memory, opts.name);
+      if (opts.description.length > plan.length) {
+        throw new NbdError('NBD_E_USAGE', `serve: ${opts.description.length} --description given for ${plan.length} export(s); drop the extra --description`);
+      }
       const exports: ServedExport[] = [];
       try {
-        for (const p of plan) {
-          if (p.kind === 'file') exports.push(await fileExport(p.source, { name: p.name, readOnly: opts.readOnly ?? false }));
-          else exports.push(memoryExport(parseSize(p.source), { name: p.name, readOnly: opts.readOnly ?? false }));
+        for (const [i, p] of plan.entries()) {
+          const description = opts.description[i];
+          const how = { name: p.name, readOnly: opts.readOnly ?? false, ...(description !== undefined ? { description } : {}) };
+          if (p.kind === 'file') exports.push(await fileExport(p.source, how));
+          else exports.push(memoryExport(parseSize(p.source), how));
         }
       } catch (err) {
         await Promise.all(exports.map((e) => e.backend.close().catch(() => undefined)));

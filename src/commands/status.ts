@@ -6,6 +6,7 @@ import type { Command } from 'commander';
 import { type Roots, DEFAULT_ROOTS, deviceState, listDevices, moduleInfo, resolveDevice } from '../kernel/device.ts';
 import { type SupervisorState, readState, supervisorAlive } from '../supervisor/state.ts';
 import { formatSize } from './common.ts';
+import { display, jsonText, oneLine } from '../text.ts';
 
 export interface DeviceStatusEntry {
   device: string;
@@ -56,20 +57,31 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
   return e;
 }
 
-/** One line a person reads. */
+/**
+ * One line a person reads. The server, export and last error come from the state file and may quote
+ * what a server sent: shown one line each, escapes visible (src/text.ts).
+ */
 export function formatStatus(e: DeviceStatusEntry): string {
-  if (!e.attached) return `${e.device}: not attached${e.lastError ? ` (last error: ${e.lastError})` : ''}`;
+  const lastError = e.lastError !== undefined ? oneLine(e.lastError) : undefined;
+  if (!e.attached) return `${e.device}: not attached${lastError ? ` (last error: ${lastError})` : ''}`;
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
-  if (e.local && e.server !== undefined) parts.push(`served from ${e.server} by its supervisor`);
-  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}${e.tls ? ' over TLS' : ''}`);
+  // The server is an address or a local image's path (ours, never cut); the export name is the server's.
+  const server = e.server !== undefined ? oneLine(e.server) : undefined;
+  if (e.local && server !== undefined) parts.push(`served from ${server} by its supervisor`);
+  else if (server !== undefined) parts.push(`server ${server}`, `export ${e.export === '' ? '(default)' : `'${display(e.export ?? '')}'`}${e.tls ? ' over TLS' : ''}`);
   if (e.connections) parts.push(`connections ${e.connections.live ?? '?'}/${e.connections.total}`);
   if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
   else if (e.local) parts.push('no supervisor (its server is gone: detach it)');
   else if (e.tls) parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
   else parts.push('no supervisor (adopt it with nbd-attach --reattach)');
   if (e.reconnects !== undefined) parts.push(`reconnects ${e.reconnects}`);
-  parts.push(`last error: ${e.lastError ?? 'none'}`);
+  parts.push(`last error: ${lastError ?? 'none'}`);
   return parts.join(', ');
+}
+
+/** `status --json`: the state file's strings exactly, JSON-escaped (invisible characters too). */
+export function statusJson(entries: DeviceStatusEntry[]): string {
+  return jsonText(entries);
 }
 
 export function register(program: Command): void {
@@ -87,7 +99,7 @@ export function register(program: Command): void {
         entries = moduleInfo().loaded ? listDevices().map((i) => statusOf(i, `/dev/nbd${i}`)) : [];
       }
       if (opts.json) {
-        process.stdout.write(`${JSON.stringify(entries, null, 2)}\n`);
+        process.stdout.write(`${statusJson(entries)}\n`);
         return;
       }
       if (entries.length === 0) process.stdout.write('no nbd devices (the nbd module is not loaded)\n');

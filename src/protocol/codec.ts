@@ -4,6 +4,7 @@
 // throw NbdError('NBD_E_PROTOCOL') on malformed input; they never allocate more than they are given.
 
 import { NbdError } from '../errors.ts';
+import { decodeWire, encodeWire } from '../text.ts';
 import {
   CLISERV_MAGIC,
   EXPORT_NAME_REPLY_LENGTH,
@@ -30,8 +31,8 @@ function need(buf: Uint8Array, n: number, what: string): void {
 }
 
 const view = (b: Uint8Array): DataView => new DataView(b.buffer, b.byteOffset, b.byteLength);
-const utf8 = new TextDecoder('utf-8', { fatal: false });
-const text = (b: Uint8Array): string => utf8.decode(b);
+// Names and descriptions: exact bytes both ways, invalid UTF-8 included (src/text.ts).
+const text = decodeWire;
 
 // ---------------------------------------------------------------------------------------------
 // Greetings (proto.md "Oldstyle negotiation", "Newstyle negotiation")
@@ -103,7 +104,7 @@ export function decodeOptionHeader(b: Uint8Array): { option: number; length: num
 
 /** NBD_OPT_INFO / NBD_OPT_GO data: u32 name length, name, u16 count, count × u16 info requests. */
 export function encodeInfoRequest(name: string, infos: readonly number[]): Buffer {
-  const nameBytes = Buffer.from(name, 'utf8');
+  const nameBytes = encodeWire(name);
   const b = Buffer.alloc(4 + nameBytes.length + 2 + 2 * infos.length);
   b.writeUInt32BE(nameBytes.length, 0);
   nameBytes.copy(b, 4);
@@ -161,8 +162,8 @@ export function decodeOptionReplyHeader(b: Uint8Array): OptionReplyHeader {
 
 /** NBD_REP_SERVER data: u32 name length, name, rest is the description (proto.md "Option reply types"). */
 export function encodeRepServer(name: string, description = ''): Buffer {
-  const n = Buffer.from(name, 'utf8');
-  const d = Buffer.from(description, 'utf8');
+  const n = encodeWire(name);
+  const d = encodeWire(description);
   const b = Buffer.alloc(4 + n.length + d.length);
   b.writeUInt32BE(n.length, 0);
   n.copy(b, 4);
@@ -220,7 +221,7 @@ export function encodeInfoExport(size: bigint, flags: number): Buffer {
 }
 
 export function encodeInfoString(type: typeof Info.NAME | typeof Info.DESCRIPTION, value: string): Buffer {
-  const s = Buffer.from(value, 'utf8');
+  const s = encodeWire(value);
   const b = Buffer.alloc(2 + s.length);
   b.writeUInt16BE(type, 0);
   s.copy(b, 2);

@@ -16,6 +16,7 @@
 
 import createDebug from 'debug';
 import { NbdError } from '../errors.ts';
+import { decodeWire, display, encodeWire, wireLength } from '../text.ts';
 import {
   ClientFlag,
   EXPORT_NAME_REPLY_LENGTH,
@@ -166,7 +167,7 @@ export class ClientHandshake {
     private readonly limits: HandshakeLimits = DEFAULT_LIMITS,
   ) {
     const name = goal.kind === 'list' ? '' : goal.name;
-    if (Buffer.byteLength(name, 'utf8') > MAX_STRING) {
+    if (wireLength(name) > MAX_STRING) {
       throw new NbdError('NBD_E_USAGE', `export name is longer than ${MAX_STRING} bytes`);
     }
   }
@@ -268,7 +269,7 @@ export class ClientHandshake {
       const name = this.pending.name;
       throw new NbdError(
         'NBD_E_EXPORT_UNKNOWN',
-        `server closed the connection on NBD_OPT_EXPORT_NAME: it refused export '${name}' (unknown name or not allowed); run 'nbd-attach list HOST' to see the exports`,
+        `server closed the connection on NBD_OPT_EXPORT_NAME: it refused export '${display(name)}' (unknown name or not allowed); run 'nbd-attach list HOST' to see the exports`,
       );
     }
     if (s.t === 'GREETING') {
@@ -285,7 +286,7 @@ export class ClientHandshake {
     if (name !== '') {
       throw new NbdError(
         'NBD_E_UNSUPPORTED',
-        `server speaks the oldstyle handshake, which has no export names: drop -N/--name '${name}' (it serves one export)`,
+        `server speaks the oldstyle handshake, which has no export names: drop -N/--name '${display(name)}' (it serves one export)`,
       );
     }
     const info: ExportInfo = { name: '', size: g.size, flags: g.flags };
@@ -335,7 +336,7 @@ export class ClientHandshake {
 
   private exportName(name: string, send: Buffer[]): Step {
     this.pending = { name, replies: 0, info: {} };
-    send.push(encodeOption(Opt.EXPORT_NAME, Buffer.from(name, 'utf8')));
+    send.push(encodeOption(Opt.EXPORT_NAME, encodeWire(name)));
     this.state = { t: 'EXPORT_NAME_REPLY' };
     return { send, want: EXPORT_NAME_REPLY_LENGTH };
   }
@@ -345,7 +346,7 @@ export class ClientHandshake {
     let data: Buffer | undefined;
     if (opt === Opt.GO) data = encodeInfoRequest(name, GO_INFOS);
     else if (opt === Opt.INFO) data = encodeInfoRequest(name, INFO_INFOS);
-    debug('send %s %s', optName(opt), opt === Opt.GO || opt === Opt.INFO ? `'${name}'` : '');
+    debug('send %s %s', optName(opt), opt === Opt.GO || opt === Opt.INFO ? `'${display(name)}'` : '');
     send.push(encodeOption(opt, data));
     this.state = { t: 'OPT_REPLY', opt };
     return { send, want: OPT_REPLY_HEADER_LENGTH };
@@ -415,7 +416,7 @@ export class ClientHandshake {
   private collectInfo(): ExportInfo {
     const p = this.pending.info;
     if (!p.sizeSeen || p.size === undefined || p.flags === undefined) {
-      throw protocol(`server acknowledged export '${this.pending.name}' without sending NBD_INFO_EXPORT (size and flags)`);
+      throw protocol(`server acknowledged export '${display(this.pending.name)}' without sending NBD_INFO_EXPORT (size and flags)`);
     }
     const info: ExportInfo = { name: this.pending.name, size: p.size, flags: p.flags };
     if (p.blockSize) info.blockSize = p.blockSize;
@@ -471,7 +472,8 @@ export class ClientHandshake {
   }
 
   private optionError(opt: number, type: number, data: Uint8Array): Step {
-    const message = Buffer.from(data).toString('utf8').replace(/[\r\n]+/g, ' ').trim();
+    // The server's text, one line: line breaks become spaces here, anything else unprintable is escaped where it is quoted.
+    const message = decodeWire(data).replace(/[\r\n]+/g, ' ').trim();
     const g = this.goal;
     const name = this.pending.name;
     // Fallbacks the spec allows: NBD_OPT_GO / NBD_OPT_INFO unknown to the server → NBD_OPT_EXPORT_NAME.
@@ -523,6 +525,9 @@ export class ClientHandshake {
   }
 }
 
+/** How much of a server's error text an error message quotes. */
+const SERVER_TEXT_MAX = 500;
+
 /** TLS was asked for but the server's handshake style has no NBD_OPT_STARTTLS. */
 function noTls(style: string): NbdError {
   return new NbdError('NBD_E_TLS', `server speaks ${style}, which cannot do TLS (no NBD_OPT_STARTTLS): connect without TLS, or use a server that offers it`);
@@ -530,7 +535,7 @@ function noTls(style: string): NbdError {
 
 /** An error reply to NBD_OPT_STARTTLS (proto.md: UNSUP when the server has no TLS, POLICY, INVALID). */
 function tlsRefusedBy(type: number, serverText: string): NbdError {
-  const said = serverText ? ` (server says: ${serverText.slice(0, 500)})` : '';
+  const said = serverText ? ` (server says: ${display(serverText, SERVER_TEXT_MAX)})` : '';
   if (type === RepErr.UNSUP) return new NbdError('NBD_E_TLS', `server does not offer TLS${said}: connect without TLS, or enable TLS on the server`);
   if (type === RepErr.POLICY) return new NbdError('NBD_E_TLS', `server refused TLS by policy${said}`);
   return new NbdError('NBD_E_TLS', `server refused NBD_OPT_STARTTLS with ${repName(type)}${said}`);
@@ -558,11 +563,12 @@ export function validateBlockSizes(b: BlockSizes): BlockSizes {
 
 /** One line a person understands for each error reply, with the server's own text when it sent one. */
 export function describeOptionError(type: number, opt: number, name: string, serverText: string): NbdError {
-  const said = serverText ? ` (server says: ${serverText.slice(0, 500)})` : '';
-  const what = opt === Opt.LIST ? 'listing exports' : opt === Opt.ABORT ? 'ending the handshake' : `export '${name}'`;
+  const said = serverText ? ` (server says: ${display(serverText, SERVER_TEXT_MAX)})` : '';
+  const shown = display(name);
+  const what = opt === Opt.LIST ? 'listing exports' : opt === Opt.ABORT ? 'ending the handshake' : `export '${shown}'`;
   switch (type) {
     case RepErr.UNKNOWN:
-      return new NbdError('NBD_E_EXPORT_UNKNOWN', `server has no export named '${name}'${said}; run 'nbd-attach list HOST' to see the exports`);
+      return new NbdError('NBD_E_EXPORT_UNKNOWN', `server has no export named '${shown}'${said}; run 'nbd-attach list HOST' to see the exports`);
     case RepErr.TLS_REQD:
       return new NbdError(
         'NBD_E_TLS_REQUIRED',

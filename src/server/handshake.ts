@@ -33,6 +33,7 @@ import {
   encodeOptionReply,
   encodeRepServer,
 } from '../protocol/codec.ts';
+import { decodeWire } from '../text.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { SERVER_BLOCK_SIZES, findExport, transmissionFlags, type ServedExport } from './export.ts';
 
@@ -254,7 +255,7 @@ export class ServerHandshake {
     }
     switch (option) {
       case Opt.EXPORT_NAME: {
-        const name = data.toString('utf8');
+        const name = decodeWire(data);
         const exp = findExport(this.exports, name);
         // proto.md "NBD_OPT_EXPORT_NAME": an unknown export MUST terminate the session.
         if (!exp) {

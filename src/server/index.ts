@@ -11,7 +11,8 @@ import net from 'node:net';
 import { basename } from 'node:path';
 import createDebug from 'debug';
 import { NbdError } from '../errors.ts';
-import { DEFAULT_PORT } from '../protocol/constants.ts';
+import { DEFAULT_PORT, MAX_STRING } from '../protocol/constants.ts';
+import { display, wireLength } from '../text.ts';
 import { MemoryBackend, openFileBackend } from './backends.ts';
 import { serveConnection, type ConnectionOptions, type ServedConnection } from './connection.ts';
 import type { Backend, ServedExport } from './export.ts';
@@ -48,14 +49,19 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-function checkExports(exports: readonly ServedExport[]): void {
+/** Usage errors for exports no server may offer (exported for tests). */
+export function checkExports(exports: readonly ServedExport[]): void {
   if (exports.length === 0) throw new NbdError('NBD_E_USAGE', 'serve: no exports; give a FILE or --memory SIZE');
   const seen = new Set<string>();
   for (const e of exports) {
-    if (Buffer.byteLength(e.name, 'utf8') > 4096) {
-      throw new NbdError('NBD_E_USAGE', `serve: export name longer than 4096 bytes (proto.md string limit)`);
+    // proto.md "Conventions": a string MUST NOT contain NUL and MUST be no longer than 4096 bytes.
+    // Anything else (controls, escapes, invalid UTF-8 from the programmatic API) is served as given:
+    // clients show it safely (src/text.ts).
+    for (const [what, s] of [['export name', e.name], [`description of export '${display(e.name)}'`, e.description]] as const) {
+      if (wireLength(s) > MAX_STRING) throw new NbdError('NBD_E_USAGE', `serve: ${what} longer than ${MAX_STRING} bytes (proto.md string limit)`);
+      if (s.includes('\0')) throw new NbdError('NBD_E_USAGE', `serve: ${what} contains a NUL character, which NBD strings must not (proto.md "Conventions")`);
     }
-    if (seen.has(e.name)) throw new NbdError('NBD_E_USAGE', `serve: export name ${JSON.stringify(e.name)} used twice; give each a distinct --name`);
+    if (seen.has(e.name)) throw new NbdError('NBD_E_USAGE', `serve: export name '${display(e.name)}' used twice; give each a distinct --name`);
     seen.add(e.name);
   }
 }

@@ -7,6 +7,7 @@
 import { type Target, describeEndpoint } from '../address.ts';
 import { negotiate } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
+import { display } from '../text.ts';
 import { deviceState, resolveDevice } from '../kernel/device.ts';
 import { NetlinkKernelOps } from './kernel-ops.ts';
 import { remoteSource } from './source.ts';
@@ -93,7 +94,7 @@ export async function adopt(
     startedAt: new Date().toISOString(),
     updatedAt: new Date().toISOString(),
   };
-  const name = exportName === '' ? '(default)' : `'${exportName}'`;
+  const name = exportName === '' ? '(default)' : `'${display(exportName)}'`;
   const tls = target.tls !== false;
   return supervise(
     base,

@@ -6,6 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { type Target, describeEndpoint } from '../address.ts';
 import type { Connection } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
+import { display, oneLine } from '../text.ts';
 import { TransmissionFlag } from '../protocol/constants.ts';
 import { formatByteCount } from '../server/size.ts';
 import { attach, preflight } from '../kernel/attach.ts';
@@ -102,7 +103,7 @@ export async function attachNew(
     ops.close();
     throw e;
   }
-  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
   if (r.interface === 'ioctl' || r.done) {
     // The kernel has no netlink family (very old kernel): attach() fell back to the ioctls and this

@@ -9,6 +9,7 @@
 // running and says why; when nothing uses it, it disconnects cleanly.
 
 import { NbdError } from '../errors.ts';
+import { display, oneLine } from '../text.ts';
 import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { describeUser, deviceUsers } from '../kernel/users.ts';
 import { formatByteCount } from '../server/size.ts';
@@ -44,7 +45,7 @@ export async function ioctlLifeline(
     useIoctl,
     notice: rep.note,
   });
-  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
   if (!r.done) {
     rep.ready(summary);

@@ -14,22 +14,16 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
+import { oneLine as escapeLine } from '../text.ts';
 
 export const MAX_QUEUED_BYTES = 256 * 1024;
 export const MAX_FILE_BYTES = 4 * 1024 * 1024;
 export const MAX_LINE_CHARS = 2000;
 
-/** One line, control characters made visible: "\x1b[2J" → "\\x1b[2J", newline → "\\n". */
+/** One line, control characters made visible (src/text.ts, the one helper for that), cut at MAX_LINE_CHARS. */
 export function oneLine(text: string): string {
-  const s = text.length > MAX_LINE_CHARS ? `${text.slice(0, MAX_LINE_CHARS)}… (${text.length} chars)` : text;
-  // C0, DEL, C1, and the invisible reorderers (bidi overrides/isolates) that can disguise a line.
-  return s.replace(/[\u0000-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => {
-    if (c === '\n') return '\\n';
-    if (c === '\r') return '\\r';
-    if (c === '\t') return '\\t';
-    const code = c.charCodeAt(0);
-    return code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
-  });
+  const s = escapeLine(text);
+  return s.length > MAX_LINE_CHARS ? `${s.slice(0, MAX_LINE_CHARS)}… (${s.length} chars)` : s;
 }
 
 export interface LogSink {

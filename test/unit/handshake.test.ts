@@ -331,3 +331,42 @@ test('TLS: a server closing right after TLS is not taken for an old server refus
   assert.match(error.message, /right after TLS.*client certificate.*-F\/--certfile/);
   assert.equal((error as { goRejectedByClose?: boolean }).goRejectedByClose, undefined, 'no retry with NBD_OPT_EXPORT_NAME');
 });
+
+test('names and descriptions are kept byte for byte: a listed name that is not UTF-8 is asked for again exactly', () => {
+  const rawName = Buffer.from([0x64, 0x1b, 0x5b, 0x32, 0x4a, 0xff, 0x0a]); // "d", ESC [2J, a raw 0xff, "\n"
+  const rawDescription = Buffer.concat([Buffer.from('\ufeffline 1\nsize: 1 bytes\r', 'utf8'), Buffer.from([0xc0, 0x80])]);
+  const listing = Buffer.alloc(4 + rawName.length + rawDescription.length);
+  listing.writeUInt32BE(rawName.length, 0);
+  rawName.copy(listing, 4);
+  rawDescription.copy(listing, 4 + rawName.length);
+  const server = Buffer.concat([
+    encodeNewstyleGreeting(FIXED),
+    encodeOptionReply(Opt.LIST, Rep.SERVER, listing),
+    ack(Opt.LIST),
+    infoReply(Opt.INFO, encodeInfoExport(4096n, F)),
+    infoReply(Opt.INFO, Buffer.concat([Buffer.from([0, Info.DESCRIPTION]), rawDescription])),
+    ack(Opt.INFO),
+    ack(Opt.ABORT),
+  ]);
+  const { result, sent, error } = play({ kind: 'list' }, server);
+  assert.equal(error, undefined);
+  const e = result!.exports![0]!;
+  assert.equal(e.name, 'd\x1b[2J\udcff\n');
+  assert.equal(e.description, '\ufeffline 1\nsize: 1 bytes\r\udcc0\udc80');
+  assert.equal(e.info!.description, e.description);
+  // The client's INFO request carries the listed name's own bytes, not U+FFFD.
+  const infoRequest = encodeOption(Opt.INFO, Buffer.concat([Buffer.from([0, 0, 0, rawName.length]), rawName, Buffer.from([0, 3, 0, Info.NAME, 0, Info.DESCRIPTION, 0, Info.BLOCK_SIZE])]));
+  assert.ok(sent.includes(infoRequest), 'INFO asks for the exact bytes');
+});
+
+test('errors that quote a name or the server text: one line, controls visible, long text cut', () => {
+  const hostile = `x\x1b[2J\n\u202e${'y'.repeat(5000)}`;
+  const { error } = play({ kind: 'go', name: 'disk\x1b]0;pwned\x07' }, Buffer.concat([encodeNewstyleGreeting(FIXED), err(Opt.GO, RepErr.UNKNOWN, hostile)]));
+  assert.ok(error instanceof NbdError);
+  assert.match(error.message, /^server has no export named 'disk\\x1b\]0;pwned\\x07' \(server says: x\\x1b\[2J \\u202ey+…\[\d+ bytes\]\)/);
+  assert.ok(!/[\x00-\x1f\x7f\u202e]/.test(error.message), error.message);
+  assert.ok(error.message.length < 700, 'the server text is cut');
+  // A name from a listing that the server then refuses in EXPORT_NAME (it closes): the message shows it escaped too.
+  const closed = play({ kind: 'go', name: 'a\nb', noOptGo: true }, encodeNewstyleGreeting(FIXED));
+  assert.match((closed.error as Error).message, /refused export 'a\\nb'/);
+});

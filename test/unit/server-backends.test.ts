@@ -7,6 +7,7 @@ import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { NbdError } from '../../src/errors.ts';
 import { planExports } from '../../src/commands/serve.ts';
+import { checkExports, memoryExport } from '../../src/server/index.ts';
 import { MEMORY_CHUNK, MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import { findExport, transmissionFlags, type Backend, type ServedExport } from '../../src/server/export.ts';
 import { BufferPool } from '../../src/server/buffer-pool.ts';
@@ -317,6 +318,16 @@ describe('exports', () => {
     assert.throws(() => planExports([], [], [], none), /nothing to serve/);
     assert.throws(() => planExports(['/a/x.img', '/b/x.img'], [], [], none), /used twice/);
     assert.throws(() => planExports(['/a/x.img'], [], ['p', 'q'], none), /drop the extra --name/);
+  });
+
+  it('exports: names and descriptions with controls are served; NUL and more than 4096 bytes are refused (proto.md "Conventions")', () => {
+    const mem = (name: string, description?: string): ServedExport => memoryExport(1024, { name, ...(description !== undefined ? { description } : {}) });
+    checkExports([mem('a\x1b[2J\nb', 'line\r\n\u202e'), mem('x'.repeat(4096), 'é'.repeat(2048)), mem('\udcff')]);
+    assert.throws(() => checkExports([mem('a\0b')]), /export name contains a NUL character/);
+    assert.throws(() => checkExports([mem('a', 'd\0')]), /description of export 'a' contains a NUL/);
+    assert.throws(() => checkExports([mem('x'.repeat(4097))]), /export name longer than 4096 bytes/);
+    assert.throws(() => checkExports([mem('\udcff'.repeat(4097))]), /export name longer than 4096 bytes/, 'raw bytes count one each');
+    assert.throws(() => checkExports([mem('\x1b', 'é'.repeat(2049))]), (e: Error) => e.message.includes("description of export '\\x1b' longer than 4096 bytes"));
   });
 });
 

@@ -394,3 +394,33 @@ describe('server handshake: TLS (proto.md "TLS support")', () => {
     assert.equal(step.startTls, undefined);
   });
 });
+
+describe('server handshake: names and descriptions are bytes', () => {
+  // A name given as a string with U+DC80..U+DCFF stands for raw bytes (src/text.ts): served exactly.
+  const raw = 'r\x1b[2J\udcff\n';
+  const rawHex = '721b5b324aff0a';
+
+  it('LIST and INFO send control characters and invalid UTF-8 exactly as configured', () => {
+    const hs = ready([exp(raw, 0x200, { description: 'line\r\n\udcc0' })]);
+    const list = hs.push(encodeOption(Opt.LIST));
+    assert.equal(cat(list.send), rep(Opt.LIST, Rep.SERVER, `00000007${rawHex}` + '6c696e650d0ac0') + rep(Opt.LIST, Rep.ACK));
+    const info = hs.push(encodeOption(Opt.INFO, Buffer.concat([hex(`00000007${rawHex}`), hex('0002 0001 0002')])));
+    assert.equal(
+      cat(info.send),
+      rep(Opt.INFO, Rep.INFO, '0000' + '0000000000000200' + RW_FLAGS.toString(16).padStart(4, '0')) +
+        rep(Opt.INFO, Rep.INFO, `0001${rawHex}`) +
+        rep(Opt.INFO, Rep.INFO, '0002' + '6c696e650d0ac0') +
+        rep(Opt.INFO, Rep.INFO, '0003' + '00000001' + '00001000' + '02000000') +
+        rep(Opt.INFO, Rep.ACK),
+    );
+  });
+
+  it('a name is found by its exact bytes: U+FFFD does not stand in for an invalid byte', () => {
+    const hs = ready([exp(raw, 0x200)], 3);
+    const miss = hs.push(encodeOption(Opt.INFO, encodeInfoRequest('r\x1b[2J\ufffd\n', [])));
+    assert.match(miss.send[0]!.subarray(20).toString('utf8'), /unknown export/);
+    const step = hs.push(encodeOption(Opt.EXPORT_NAME, hex(rawHex)));
+    assert.equal(cat(step.send), '0000000000000200' + RW_FLAGS.toString(16).padStart(4, '0'));
+    assert.equal(step.negotiated?.export.name, raw);
+  });
+});

@@ -10,7 +10,7 @@ import { createLogSink, oneLine, openLogFile } from '../../src/supervisor/log.ts
 const tmp = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'nbdlog-'));
 
 test('oneLine: newlines, escapes, C1 and bidi overrides are made visible; long text is shortened with a marker', () => {
-  assert.equal(oneLine('export "a\nsize: 1"\r\x1b[2J\x9b\u202etxt\t'), 'export "a\\nsize: 1"\\r\\x1b[2J\\x9b\\u202etxt\\t');
+  assert.equal(oneLine('export "a\nsize: 1"\r\x1b[2J\x9b\u202etxt\t'), 'export "a\\nsize: 1"\\r\\x1b[2J\\u009b\\u202etxt\\t');
   assert.equal(oneLine('plain text, ünïcode ok'), 'plain text, ünïcode ok');
   const long = oneLine('x'.repeat(5000));
   assert.ok(long.length < 2100 && long.endsWith('… (5000 chars)'), long.slice(-30));

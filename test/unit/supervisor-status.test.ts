@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { formatStatus, statusOf } from '../../src/commands/status.ts';
+import { formatStatus, statusJson, statusOf } from '../../src/commands/status.ts';
 import { type SupervisorState, parseProcStat, pidAlive, processIdentity, readState, removeState, stateFile, supervisorAlive, writeState } from '../../src/supervisor/state.ts';
 
 let dir: string;
@@ -98,4 +98,28 @@ test('a TLS device: shown as such; without its supervisor, says that I/O waits f
   assert.match(formatStatus(dead), /no supervisor \(it relayed the TLS connections: I\/O waits until nbd-attach --reattach\)/);
   writeState(state({}));
   assert.equal(statusOf(0, '/dev/nbd0', roots, () => true).tls, undefined);
+});
+
+test('strings from the state file: one line each in the human form, exact in --json', () => {
+  const hostileExport = `d\x1b[2J\n${'size: 1 bytes\n'.repeat(44)}\u202e`;
+  const hostileError = 'server has no export (server says: \x1b]0;pwned\x07\r\nok)';
+  writeState(state({ export: hostileExport, server: 'evil\x1b[31m:10809', lastError: hostileError }));
+  const e = statusOf(0, '/dev/nbd0', roots, (s) => s.pid === 1234);
+  assert.equal(e.export, hostileExport, 'the entry keeps the exact string');
+  const line = formatStatus(e);
+  assert.ok(!/[\x00-\x1f\x7f\u202e]/.test(line), line);
+  assert.match(line, /server evil\\x1b\[31m:10809, export 'd\\x1b\[2J\\nsize: 1 bytes\\nsize/);
+  assert.match(line, /…\[\d+ bytes\]', connections 3\/4/, 'the long export name is cut, with its length');
+  assert.match(line, /last error: server has no export \(server says: \\x1b\]0;pwned\\x07\\r\\nok\)$/);
+  const json = statusJson([e]);
+  assert.ok(!/[\x00-\x09\x0b-\x1f\x7f\u202e]/.test(json), 'no raw control characters in the JSON text either');
+  const back = JSON.parse(json) as { export: string; server: string; lastError: string }[];
+  assert.equal(back[0]!.export, hostileExport);
+  assert.equal(back[0]!.server, 'evil\x1b[31m:10809');
+  assert.equal(back[0]!.lastError, hostileError);
+  // Not attached: the last error still shows on one line.
+  writeState(state({ index: 1, device: '/dev/nbd1', identifier: 'x', lastError: 'gave up\nretry: \x1b[2J' }));
+  assert.equal(formatStatus(statusOf(1, '/dev/nbd1', roots, () => false)), '/dev/nbd1: not attached (last error: gave up\\nretry: \\x1b[2J)');
+  removeState(1, 1234);
+  writeState(state({}));
 });
