@@ -17,7 +17,7 @@ import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
 import { type SupervisorState, readState, supervisorAlive } from './state.ts';
-import { lockDevice } from './lock.ts';
+import { type DeviceLock, lockDevice } from './lock.ts';
 import { EarlySubscription, type ServiceNotifier, residentProcessSetup, supervise } from './resident.ts';
 import { adopt } from './adopt.ts';
 
@@ -58,91 +58,110 @@ export async function attachNew(
   }
 
   await preflight({ device, useIoctl: false });
-
-  // Listen for LINK_DEAD before CONNECT so a link that dies at once is not missed.
-  const ops = new EarlySubscription(new NetlinkKernelOps());
+  // One supervisor per device. A named device is locked before the kernel is touched, so a refusal
+  // changes nothing; one the kernel picks is locked right after (it was free a moment ago).
+  const named = device !== undefined ? resolveDevice(device, undefined, 'attach') : undefined;
+  let lock: DeviceLock | undefined = named ? lockDevice(named.index, named.path, 'attach') : undefined;
   try {
-    await ops.listen();
+    return await attachLocked();
   } catch (e) {
-    ops.close();
-    throw e instanceof NbdError ? e : new NbdError('NBD_E_KERNEL', `attach: cannot listen for nbd netlink events: ${(e as Error).message}`, { cause: e });
+    lock?.release();
+    throw e;
   }
 
-  const conns: Connection[] = [];
-  try {
-    conns.push(await source.connect(opts.connectTimeout));
-    const info = conns[0]!.info;
-    if (connections > 1 && !(info.flags & TransmissionFlag.CAN_MULTI_CONN)) {
-      throw new NbdError('NBD_E_UNSUPPORTED', `attach: -C ${connections}: the server does not allow several connections to this export (no CAN_MULTI_CONN): use -C 1`);
+  async function attachLocked(): Promise<number> {
+    // Listen for LINK_DEAD before CONNECT so a link that dies at once is not missed.
+    const ops = new EarlySubscription(new NetlinkKernelOps());
+    try {
+      await ops.listen();
+    } catch (e) {
+      ops.close();
+      throw e instanceof NbdError ? e : new NbdError('NBD_E_KERNEL', `attach: cannot listen for nbd netlink events: ${(e as Error).message}`, { cause: e });
     }
-    const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => source.connect(opts.connectTimeout)));
-    for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
-    const failed = more.find((m) => m.status === 'rejected');
-    if (failed) throw (failed as PromiseRejectedResult).reason;
-  } catch (e) {
-    for (const c of conns) c.socket.destroy();
-    ops.close();
-    throw e;
-  }
-  const info = conns[0]!.info;
-  const identifier = opts.identifier ?? randomUUID();
-  let r;
-  try {
-    r = await attach({
-      connections: conns,
-      device,
-      blockSize: opts.blockSize,
-      readOnly: opts.readOnly === true,
-      timeout: requestTimeoutS,
-      identifier,
-      useIoctl: false,
-      deadConnTimeout: deadTimeoutS,
-      notice: rep.note,
-    });
-  } catch (e) {
-    ops.close();
-    throw e;
-  }
-  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
-  const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
-  if (r.interface === 'ioctl' || r.done) {
-    // The kernel has no netlink family (very old kernel): attach() fell back to the ioctls and this
-    // process holds the device; no reconnect (-L does reconnect: src/supervisor/ioctl-lifeline.ts).
-    ops.close();
-    residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, rep.note);
-    rep.ready(`${summary}, no reconnect (ioctl fallback), supervisor pid ${process.pid}`);
-    how.notifier?.ready(`${r.device}: ioctl fallback, no reconnect`);
-    const end = await r.done!;
-    return end.ret < 0 ? 5 : 0;
-  }
-  // The index was free a moment ago; nobody else can be supervising it, but the lock is what says so.
-  lockDevice(r.index, r.device, 'attach');
 
-  const base: SupervisorState = {
-    version: 1,
-    index: r.index,
-    device: r.device,
-    pid: process.pid,
-    server: source.server,
-    ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
-    ...(source.tls !== undefined ? { tls: source.tls } : {}),
-    export: exportName,
-    noOptGo,
-    identifier,
-    interface: 'netlink',
-    connections,
-    liveConnections: connections,
-    sizeBytes: r.sizeBytes.toString(),
-    blockSize: r.blockSize,
-    flags: info.flags,
-    readOnly: r.readOnly,
-    ...(opts.swap ? { swap: true as const } : {}),
-    ...(opts.systemdMark ? { systemdMark: true as const } : {}),
-    requestTimeoutS,
-    deadTimeoutS,
-    reconnects: 0,
-    startedAt: new Date().toISOString(),
-    updatedAt: new Date().toISOString(),
-  };
-  return supervise(base, ops, { source, reconnectTimeout: how.reconnectTimeout, ...(how.notifier ? { notifier: how.notifier } : {}) }, rep, how.mode, `${summary}, connections ${connections}`);
+    const conns: Connection[] = [];
+    try {
+      conns.push(await source.connect(opts.connectTimeout));
+      const info = conns[0]!.info;
+      if (connections > 1 && !(info.flags & TransmissionFlag.CAN_MULTI_CONN)) {
+        throw new NbdError('NBD_E_UNSUPPORTED', `attach: -C ${connections}: the server does not allow several connections to this export (no CAN_MULTI_CONN): use -C 1`);
+      }
+      const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => source.connect(opts.connectTimeout)));
+      for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
+      const failed = more.find((m) => m.status === 'rejected');
+      if (failed) throw (failed as PromiseRejectedResult).reason;
+    } catch (e) {
+      for (const c of conns) c.socket.destroy();
+      ops.close();
+      throw e;
+    }
+    const info = conns[0]!.info;
+    const identifier = opts.identifier ?? randomUUID();
+    let r;
+    try {
+      r = await attach({
+        connections: conns,
+        device,
+        blockSize: opts.blockSize,
+        readOnly: opts.readOnly === true,
+        timeout: requestTimeoutS,
+        identifier,
+        useIoctl: false,
+        deadConnTimeout: deadTimeoutS,
+        notice: rep.note,
+      });
+    } catch (e) {
+      ops.close();
+      throw e;
+    }
+    const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
+    const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
+    if (r.interface === 'ioctl' || r.done) {
+      // The kernel has no netlink family (very old kernel): attach() fell back to the ioctls and this
+      // process holds the device; no reconnect (-L does reconnect: src/supervisor/ioctl-lifeline.ts).
+      ops.close();
+      residentProcessSetup({ swap: opts.swap, systemdMark: opts.systemdMark, device: r.device }, rep.note);
+      rep.ready(`${summary}, no reconnect (ioctl fallback), supervisor pid ${process.pid}`);
+      how.notifier?.ready(`${r.device}: ioctl fallback, no reconnect`);
+      const end = await r.done!;
+      return end.ret < 0 ? 5 : 0;
+    }
+    if (!lock) {
+      try {
+        lock = lockDevice(r.index, r.device, 'attach');
+      } catch (e) {
+        await ops.disconnect(r.index).catch(() => undefined); // nothing left half done
+        ops.close();
+        throw e;
+      }
+    }
+
+    const base: SupervisorState = {
+      version: 1,
+      index: r.index,
+      device: r.device,
+      pid: process.pid,
+      server: source.server,
+      ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
+      ...(source.tls !== undefined ? { tls: source.tls } : {}),
+      export: exportName,
+      noOptGo,
+      identifier,
+      interface: 'netlink',
+      connections,
+      liveConnections: connections,
+      sizeBytes: r.sizeBytes.toString(),
+      blockSize: r.blockSize,
+      flags: info.flags,
+      readOnly: r.readOnly,
+      ...(opts.swap ? { swap: true as const } : {}),
+      ...(opts.systemdMark ? { systemdMark: true as const } : {}),
+      requestTimeoutS,
+      deadTimeoutS,
+      reconnects: 0,
+      startedAt: new Date().toISOString(),
+      updatedAt: new Date().toISOString(),
+    };
+    return supervise(base, ops, { source, reconnectTimeout: how.reconnectTimeout, ...(how.notifier ? { notifier: how.notifier } : {}) }, rep, how.mode, `${summary}, connections ${connections}`);
+  }
 }

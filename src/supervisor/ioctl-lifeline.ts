@@ -12,6 +12,7 @@ import { NbdError } from '../errors.ts';
 import { display, oneLine } from '../text.ts';
 import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { describeUser, deviceUsers } from '../kernel/users.ts';
+import { resolveDevice } from '../kernel/device.ts';
 import { formatByteCount } from '../server/size.ts';
 import type { ConnectionSource } from './source.ts';
 import type { Reporter } from './reporter.ts';
@@ -34,24 +35,41 @@ export async function ioctlLifeline(
   const useIoctl = true;
   if ((opts.connections ?? 1) > 1) throw new NbdError('NBD_E_USAGE', 'attach: -C/--connections needs netlink; drop -L/--ioctl');
   await preflight({ device, useIoctl });
-  const conn = await source.connect(opts.connectTimeout);
-  const r = await attach({
-    connections: [conn],
-    device,
-    blockSize: opts.blockSize,
-    readOnly: opts.readOnly === true,
-    timeout: opts.timeout,
-    identifier: opts.identifier,
-    useIoctl,
-    notice: rep.note,
-  });
+  // A named device is locked before the kernel is touched (a refusal changes nothing).
+  const named = device !== undefined ? resolveDevice(device, undefined, 'attach') : undefined;
+  const early = named ? lockDevice(named.index, named.path, 'attach') : undefined;
+  let conn;
+  let r;
+  try {
+    conn = await source.connect(opts.connectTimeout);
+    r = await attach({
+      connections: [conn],
+      device,
+      blockSize: opts.blockSize,
+      readOnly: opts.readOnly === true,
+      timeout: opts.timeout,
+      identifier: opts.identifier,
+      useIoctl,
+      notice: rep.note,
+    });
+  } catch (e) {
+    early?.release();
+    throw e;
+  }
   const name = source.endpoint === undefined ? oneLine(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
   const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
   if (!r.done) {
     rep.ready(summary);
     return 0;
   }
-  lockDevice(r.index, r.device, 'attach');
+  if (!early) {
+    try {
+      lockDevice(r.index, r.device, 'attach');
+    } catch (e) {
+      ioctlDisconnect(r.device); // nothing left half done
+      throw e;
+    }
+  }
   const { sink, where } = openResidentLog(r.index, how.mode);
   const log = (m: string): void => sink.write(m);
   const notifier: ServiceNotifier = how.notifier ?? (await createNotifier({ log }));

@@ -70,3 +70,4 @@ export function lockDevice(index: number, device: string, op: string): DeviceLoc
 }
 
 export type { ProcessIdentity };
+
