@@ -265,7 +265,7 @@ export class ClientHandshake {
       throw err;
     }
     if (s.t === 'EXPORT_NAME_REPLY') {
-      const name = this.pending.name;
+      const name = printable(this.pending.name);
       throw new NbdError(
         'NBD_E_EXPORT_UNKNOWN',
         `server closed the connection on NBD_OPT_EXPORT_NAME: it refused export '${name}' (unknown name or not allowed); run 'nbd-attach list HOST' to see the exports`,
@@ -285,7 +285,7 @@ export class ClientHandshake {
     if (name !== '') {
       throw new NbdError(
         'NBD_E_UNSUPPORTED',
-        `server speaks the oldstyle handshake, which has no export names: drop -N/--name '${name}' (it serves one export)`,
+        `server speaks the oldstyle handshake, which has no export names: drop -N/--name '${printable(name)}' (it serves one export)`,
       );
     }
     const info: ExportInfo = { name: '', size: g.size, flags: g.flags };
@@ -415,7 +415,7 @@ export class ClientHandshake {
   private collectInfo(): ExportInfo {
     const p = this.pending.info;
     if (!p.sizeSeen || p.size === undefined || p.flags === undefined) {
-      throw protocol(`server acknowledged export '${this.pending.name}' without sending NBD_INFO_EXPORT (size and flags)`);
+      throw protocol(`server acknowledged export '${printable(this.pending.name)}' without sending NBD_INFO_EXPORT (size and flags)`);
     }
     const info: ExportInfo = { name: this.pending.name, size: p.size, flags: p.flags };
     if (p.blockSize) info.blockSize = p.blockSize;
@@ -471,7 +471,7 @@ export class ClientHandshake {
   }
 
   private optionError(opt: number, type: number, data: Uint8Array): Step {
-    const message = Buffer.from(data).toString('utf8').replace(/[\r\n]+/g, ' ').trim();
+    const message = oneLine(Buffer.from(data).toString('utf8'));
     const g = this.goal;
     const name = this.pending.name;
     // Fallbacks the spec allows: NBD_OPT_GO / NBD_OPT_INFO unknown to the server → NBD_OPT_EXPORT_NAME.
@@ -530,10 +530,27 @@ function noTls(style: string): NbdError {
 
 /** An error reply to NBD_OPT_STARTTLS (proto.md: UNSUP when the server has no TLS, POLICY, INVALID). */
 function tlsRefusedBy(type: number, serverText: string): NbdError {
-  const said = serverText ? ` (server says: ${serverText.slice(0, 500)})` : '';
+  const said = serverText ? ` (server says: ${oneLine(serverText).slice(0, 500)})` : '';
   if (type === RepErr.UNSUP) return new NbdError('NBD_E_TLS', `server does not offer TLS${said}: connect without TLS, or enable TLS on the server`);
   if (type === RepErr.POLICY) return new NbdError('NBD_E_TLS', `server refused TLS by policy${said}`);
   return new NbdError('NBD_E_TLS', `server refused NBD_OPT_STARTTLS with ${repName(type)}${said}`);
+}
+
+/**
+ * An export name as it appears in a message: control characters (C0, DEL, C1, and the Unicode line
+ * and paragraph separators) escaped, so a name, which may come from the server's NBD_REP_SERVER
+ * list, can neither break the one-line message nor drive the terminal.
+ */
+function printable(name: string): string {
+  return name.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => {
+    const n = c.charCodeAt(0);
+    return n < 0x100 ? `\\x${n.toString(16).padStart(2, '0')}` : `\\u${n.toString(16)}`;
+  });
+}
+
+/** A server's free text (error replies) on one line: runs of control characters become one space. */
+function oneLine(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]+/g, ' ').trim();
 }
 
 function protocol(message: string): NbdError {
@@ -557,8 +574,9 @@ export function validateBlockSizes(b: BlockSizes): BlockSizes {
 }
 
 /** One line a person understands for each error reply, with the server's own text when it sent one. */
-export function describeOptionError(type: number, opt: number, name: string, serverText: string): NbdError {
-  const said = serverText ? ` (server says: ${serverText.slice(0, 500)})` : '';
+export function describeOptionError(type: number, opt: number, rawName: string, serverText: string): NbdError {
+  const name = printable(rawName);
+  const said = serverText ? ` (server says: ${oneLine(serverText).slice(0, 500)})` : '';
   const what = opt === Opt.LIST ? 'listing exports' : opt === Opt.ABORT ? 'ending the handshake' : `export '${name}'`;
   switch (type) {
     case RepErr.UNKNOWN:
