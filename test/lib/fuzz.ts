@@ -3,11 +3,13 @@
 //
 // Budget. Each property runs until FUZZ_RUNS inputs or FUZZ_SECONDS seconds, whichever comes
 // first; a property interrupted by the time limit passes with the inputs it checked (the budget is
-// a bound, not a target). Defaults keep every fuzz file around 10 s or less on one slow core:
-//   FUZZ_RUNS     runs per property            (default: each property's own, a few hundred)
-//   FUZZ_SECONDS  time limit per property, in s (default 2; setting it alone lifts the run cap)
+// a bound, not a target). By default a property stops after its own run count (hundreds to a few
+// thousand) or 2 s, and the properties of one file share 6 s, so a fuzz file stays near 10 s even on
+// a loaded CI machine (it then checks fewer inputs):
+//   FUZZ_RUNS     runs per property             (default: each property's own)
+//   FUZZ_SECONDS  time limit per property, in s (no file budget then; alone, it lifts the run cap)
 //   FUZZ_SEED     replay a seed fast-check printed (with FUZZ_PATH to go straight to the failure)
-// A long local run:  FUZZ_SECONDS=300 node --import tsx --test test/unit/fuzz-*.test.ts
+// A long local run:  FUZZ_SECONDS=300 npm run test:fuzz
 //
 // A failure prints its seed, path and the shrunk counterexample; the shrunk bytes then become an
 // explicit regression case in the test file (see "regressions" in each file).
@@ -22,16 +24,26 @@ const envNumber = (name: string): number | undefined => {
   return n;
 };
 
+/** Default wall-clock budget: per property, and for all the properties of one file together. */
+const PROPERTY_MS = 2000;
+const FILE_MS = 6000;
+/** Each test file runs in its own process: this module is loaded when the file starts. */
+const fileStart = Date.now();
+
 /** fast-check parameters for one property whose default run count is `runs`. */
 export function budget(runs: number): fc.Parameters<unknown> {
   const seconds = envNumber('FUZZ_SECONDS');
   const envRuns = envNumber('FUZZ_RUNS');
   const seed = envNumber('FUZZ_SEED');
+  // By default a property gets what is left of the file's budget, at most PROPERTY_MS and at least
+  // a quarter of a second: on a loaded machine a file checks fewer inputs but stays short.
+  const left = FILE_MS - (Date.now() - fileStart);
+  const ms = seconds !== undefined ? seconds * 1000 : Math.max(250, Math.min(PROPERTY_MS, left));
   const params: fc.Parameters<unknown> = {
     // FUZZ_SECONDS alone: run until the time limit.
     numRuns: envRuns ?? (seconds !== undefined ? Number.MAX_SAFE_INTEGER : runs),
     // Interrupted runs pass with what they checked (failOnInterrupt defaults to false).
-    plugins: [fc.interruptAfterTimeLimit((seconds ?? 2) * 1000)],
+    plugins: [fc.interruptAfterTimeLimit(ms)],
     // The failing assertion's own message in the report, not only the counterexample.
     includeErrorInReport: true,
   };
@@ -40,9 +52,23 @@ export function budget(runs: number): fc.Parameters<unknown> {
   return params;
 }
 
+/** With a budget from the environment, say how many inputs a property got through (a long run's yield). */
+function report(count: number, started: number): void {
+  if (process.env.FUZZ_RUNS || process.env.FUZZ_SECONDS) {
+    console.log(`fuzz: ${count} inputs in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  }
+}
+
 /** Run a synchronous property under the budget. */
 export function check<T extends unknown[]>(runs: number, arbs: { [K in keyof T]: fc.Arbitrary<T[K]> }, body: (...args: T) => void): void {
-  fc.assert(fc.property(...(arbs as unknown as [fc.Arbitrary<unknown>]), body as (...a: unknown[]) => void), budget(runs));
+  let count = 0;
+  const started = Date.now();
+  const counted = (...a: T): void => {
+    count++;
+    body(...a);
+  };
+  fc.assert(fc.property(...(arbs as unknown as [fc.Arbitrary<unknown>]), counted as (...a: unknown[]) => void), budget(runs));
+  report(count, started);
 }
 
 /** Run an asynchronous property under the budget. */
@@ -51,7 +77,14 @@ export async function checkAsync<T extends unknown[]>(
   arbs: { [K in keyof T]: fc.Arbitrary<T[K]> },
   body: (...args: T) => Promise<void>,
 ): Promise<void> {
-  await fc.assert(fc.asyncProperty(...(arbs as unknown as [fc.Arbitrary<unknown>]), body as (...a: unknown[]) => Promise<void>), budget(runs));
+  let count = 0;
+  const started = Date.now();
+  const counted = (...a: T): Promise<void> => {
+    count++;
+    return body(...a);
+  };
+  await fc.assert(fc.asyncProperty(...(arbs as unknown as [fc.Arbitrary<unknown>]), counted as (...a: unknown[]) => Promise<void>), budget(runs));
+  report(count, started);
 }
 
 /** Arbitrary bytes as a Buffer. */

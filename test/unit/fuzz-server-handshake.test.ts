@@ -28,6 +28,9 @@ const EXPORTS: ServedExport[] = [
   { name: 'é\u0000x', description: 'odd name', backend: new MemoryBackend(0), readOnly: false },
 ];
 
+/** Control characters: line breaks, terminal escapes (C0, DEL, C1), the Unicode line separators. */
+const PRINTABLE_VIOLATION = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
+
 interface Run {
   /** Everything the server wrote, in order (hex). */
   sent: string;
@@ -48,7 +51,7 @@ function checkReplies(sent: Buffer[]): number {
       assert.ok(h.length <= 4 * MAX_STRING, `reply of ${h.length} bytes`);
       if (h.type & 0x80000000) {
         // Error replies carry a message for people: one printable line.
-        assert.doesNotMatch(b.subarray(20).toString('utf8'), /[\u0000-\u001f\u007f]/, 'error text is one printable line');
+        assert.doesNotMatch(b.subarray(20).toString('utf8'), PRINTABLE_VIOLATION, 'error text is one printable line');
       }
       if (h.type === Rep.ACK || h.type & 0x80000000) answered++;
     } else {
@@ -80,6 +83,7 @@ function serve(chunks: Buffer[], tls: TlsMode, shutdownBefore = Infinity): Run {
     }
     if (step.close) {
       assert.ok(answered <= MAX_OPTIONS, `${answered} options answered`);
+      assert.doesNotMatch(step.close.reason, PRINTABLE_VIOLATION, 'the close reason (logged) is one printable line');
       return { sent: Buffer.concat(sent).toString('hex'), end: `close soft=${step.close.soft}: ${step.close.reason}` };
     }
     if (step.startTls) {
@@ -98,7 +102,11 @@ function serve(chunks: Buffer[], tls: TlsMode, shutdownBefore = Infinity): Run {
 // A hostile client that mostly speaks the protocol
 
 const u16 = fc.integer({ min: 0, max: 0xffff });
-const exportName = fc.oneof(fc.constantFrom('disk', 'ro', '', 'é\u0000x', 'nope'), fc.string({ unit: 'binary', maxLength: 10 }));
+const exportName = fc.oneof(
+  fc.constantFrom('disk', 'ro', '', 'é\u0000x', 'nope', 'a\nb', 'a\u007fb', '\u009b2J', 'a\u2028b'),
+  fc.string({ unit: 'binary', maxLength: 10 }),
+  fc.string({ unit: 'binary-ascii', maxLength: 6 }),
+);
 const optionNumber = fc.oneof(
   { arbitrary: fc.constantFrom(...Object.values(Opt)), weight: 4 },
   fc.constantFrom(0, 12, 0x7fffffff, 0xffffffff),
@@ -166,8 +174,18 @@ describe('server handshake: hostile client', () => {
 // Sanity of the generator: it does reach the end states (else the properties above prove little).
 it('server handshake fuzz inputs reach negotiation, closes and waiting', () => {
   const ends = new Set<string>();
-  for (const [c, muts, k] of fc.sample(fc.tuple(client, mutations(), keep), { numRuns: 2000, seed: 42 })) {
+  for (const [c, muts, k] of fc.sample(fc.tuple(client, mutations(), keep), { numRuns: 1000, seed: 42 })) {
     ends.add(serve([mutate(c, muts, k)], 'off').end.split(/[ :]/)[0]!);
   }
   assert.deepEqual([...ends].sort(), ['close', 'negotiated', 'waiting']);
+});
+
+describe('server handshake: regressions found by fuzzing', () => {
+  it('a client-given name with DEL, C1 CSI or U+2028 is escaped in the reply and in the close reason', () => {
+    // Found: JSON.stringify leaves DEL, C1 controls and U+2028/2029 as they are.
+    const go = serve([Buffer.concat([encodeClientFlags(3), encodeOption(Opt.GO, encodeInfoRequest('a\u007f\u009b\u2028b', []))])], 'off');
+    assert.ok(go.sent.includes(Buffer.from('unknown export "a\\u007f\\u009b\\u2028b"; exports: "disk", "ro", "é\\u0000x"').toString('hex')));
+    const name = serve([Buffer.concat([encodeClientFlags(3), encodeOption(Opt.EXPORT_NAME, Buffer.from('x\u009by'))])], 'off');
+    assert.equal(name.end, 'close soft=false: NBD_OPT_EXPORT_NAME: unknown export "x\\u009by"');
+  });
 });
