@@ -8,7 +8,8 @@
 // a loaded CI machine (it then checks fewer inputs):
 //   FUZZ_RUNS     runs per property             (default: each property's own)
 //   FUZZ_SECONDS  time limit per property, in s (no file budget then; alone, it lifts the run cap)
-//   FUZZ_SEED     replay a seed fast-check printed (with FUZZ_PATH to go straight to the failure)
+//   FUZZ_SEED     replay a seed fast-check printed (with FUZZ_PATH to go straight to the failure;
+//                 pick the property with --test-name-pattern, as every property of the file gets it)
 // A long local run:  FUZZ_SECONDS=300 npm run test:fuzz
 //
 // A failure prints its seed, path and the shrunk counterexample; the shrunk bytes then become an
@@ -34,7 +35,10 @@ const fileStart = Date.now();
 export function budget(runs: number): fc.Parameters<unknown> {
   const seconds = envNumber('FUZZ_SECONDS');
   const envRuns = envNumber('FUZZ_RUNS');
-  const seed = envNumber('FUZZ_SEED');
+  // Seeds are any 32-bit integer, negative ones included.
+  const seedText = process.env.FUZZ_SEED;
+  const seed = seedText ? Number(seedText) : undefined;
+  if (seed !== undefined && !Number.isInteger(seed)) throw new Error(`FUZZ_SEED=${seedText}: expected an integer`);
   // By default a property gets what is left of the file's budget, at most PROPERTY_MS and at least
   // a quarter of a second: on a loaded machine a file checks fewer inputs but stays short.
   const left = FILE_MS - (Date.now() - fileStart);

@@ -13,7 +13,9 @@
 //      maxInfoQueries NBD_OPT_INFO, and everything it sends is a well-formed option;
 //   3. the real driver over a stream, with the bytes split into arbitrary chunks, gives the same
 //      outcome and sends the same bytes as the machine fed exactly what it asks for.
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
@@ -275,6 +277,11 @@ class FakeSocket extends Duplex {
   }
 }
 
+/**
+ * runHandshake over a stream that delivers `chunks` one per event-loop turn, then EOF. Its deadline
+ * is generous (a loaded machine must not turn into a timeout); a driver that hangs fails the
+ * comparison with NBD_E_HANDSHAKE_TIMEOUT.
+ */
 async function driveStream(g: HandshakeGoal, chunks: Buffer[], limits: HandshakeLimits): Promise<Trace> {
   const socket = new FakeSocket();
   let finished = false;
@@ -289,7 +296,7 @@ async function driveStream(g: HandshakeGoal, chunks: Buffer[], limits: Handshake
   })();
   let outcome: Outcome;
   try {
-    const { result } = await runHandshake(socket as unknown as net.Socket, new ClientHandshake(g, limits), Date.now() + 5000, 'fuzz', async (s) => s);
+    const { result } = await runHandshake(socket as unknown as net.Socket, new ClientHandshake(g, limits), Date.now() + 30_000, 'fuzz', async (s) => s);
     outcome = { result: show(result) };
   } catch (err) {
     outcome = errorOutcome(err);

@@ -1,7 +1,9 @@
 // Property-based tests of the NBD codec (src/protocol/codec.ts): every decoder, given any bytes,
 // returns a value or throws NbdError('NBD_E_PROTOCOL'); decoders read only the bytes they are given
 // (a view inside a larger buffer decodes like a copy); encode → decode is the identity.
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';

@@ -9,7 +9,9 @@
 //   2. parseAck agrees with an exact model of struct nlmsgerr (where the TLVs start, in plain
 //      arithmetic), whatever the echoed length says;
 //   3. encode → parse is the identity for attributes, nests, messages, CONNECT and RECONFIGURE.
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';

@@ -4,7 +4,9 @@
 // 1..65535, a host or a socket path that is not empty.
 // Inputs are printable text (the command line and a file's lines: no control characters), random
 // or built from the grammar (hosts, [v6], ports, URIs with their parameters and percent-escapes).
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';

@@ -10,7 +10,9 @@
 //      NBD_OPT_EXPORT_NAME reply that ends the handshake) with a printable message;
 //   3. without TLS, the same bytes pushed whole or split anywhere give the same replies and the
 //      same end (the bytes after the handshake, `leftover` plus what was not pushed, included).
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';

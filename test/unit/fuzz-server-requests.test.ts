@@ -13,7 +13,9 @@
 //   2. every delivery gives the same requests, payloads and end as the whole stream at once;
 //   3. checkRequest agrees with an exact (BigInt) model: a request it passes is in range, has only
 //      allowed flags and a payload within the maximum; one it refuses says why with an NBD error.
-// Budget and replay: FUZZ_RUNS, FUZZ_SECONDS, FUZZ_SEED, FUZZ_PATH (test/lib/fuzz.ts).
+// Budget: ~10 s for the file by default. Longer: FUZZ_SECONDS=N (seconds per property) or
+// FUZZ_RUNS=N (inputs per property); replay a failure with the FUZZ_SEED=… FUZZ_PATH=… it printed
+// (test/lib/fuzz.ts; `FUZZ_SECONDS=300 npm run test:fuzz` runs every fuzz file).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
