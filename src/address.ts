@@ -113,7 +113,13 @@ export function parseUri(text: string): Target {
   let socket: string | undefined;
   const settings: TlsSettings = {};
   // uri.md "NBD URI authority": userinfo is the username for TLS authentication (PSK identity).
-  if (url.username) settings.username = decodeURIComponent(url.username);
+  if (url.username) {
+    try {
+      settings.username = decodeURIComponent(url.username);
+    } catch {
+      throw usage(`URI '${text}': user name is not valid percent-encoding`);
+    }
+  }
   for (const [key, value] of url.searchParams) {
     if (key === 'socket' && unix) socket = value;
     else if (key.startsWith('tls-')) {

@@ -88,14 +88,18 @@ function connectError(where: string, endpoint: Endpoint, err: NodeJS.ErrnoExcept
   return new NbdError('NBD_E_CONNECT', `cannot connect to ${where}: ${hint[code] ?? err.message}`, { cause: err });
 }
 
-/** Read exactly n bytes, or null on EOF. Never reads past n: what follows stays in the socket. */
+/**
+ * Read exactly n bytes, or null on EOF. Never reads past n: what follows stays in the socket. A
+ * stream that ends with fewer than n bytes buffered hands those out from read(n): that is EOF too
+ * (the server closed in the middle of a message), never a short message for the machine.
+ */
 function readExactly(socket: net.Socket, n: number): Promise<Buffer | null> {
   return new Promise((resolve, reject) => {
     const tryRead = (): boolean => {
       const chunk = socket.read(n) as Buffer | null;
       if (chunk !== null) {
         cleanup();
-        resolve(chunk);
+        resolve(chunk.length === n ? chunk : null);
         return true;
       }
       return false;

@@ -44,8 +44,10 @@ export class NetlinkCodecError extends Error {
   }
 }
 
-export const nlmsgAlign = (n: number): number => (n + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1);
-export const nlaAlign = (n: number): number => (n + NLA_ALIGNTO - 1) & ~(NLA_ALIGNTO - 1);
+// NLMSG_ALIGN / NLA_ALIGN in arithmetic, not bitwise: a length read from the kernel is a u32, and
+// JavaScript's `&` works on int32, so (0x7ffffffd + 3) & ~3 would be negative.
+export const nlmsgAlign = (n: number): number => Math.ceil(n / NLMSG_ALIGNTO) * NLMSG_ALIGNTO;
+export const nlaAlign = (n: number): number => Math.ceil(n / NLA_ALIGNTO) * NLA_ALIGNTO;
 
 function u16(v: number): Buffer {
   const b = Buffer.alloc(2);

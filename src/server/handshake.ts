@@ -89,6 +89,14 @@ export interface HandshakeStep {
   close?: { reason: string; soft: boolean };
 }
 
+/**
+ * A client-given name in a reply or a log line: JSON-quoted, with the controls JSON leaves as they
+ * are (DEL, C1, U+2028/2029) escaped too, so the text stays one printable line.
+ */
+function quoted(name: string): string {
+  return JSON.stringify(name).replace(/[\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
 export class ServerHandshake {
   private readonly queue = new ByteQueue();
   private st: HandshakeState = { phase: 'client-flags' };
@@ -259,7 +267,7 @@ export class ServerHandshake {
         const exp = findExport(this.exports, name);
         // proto.md "NBD_OPT_EXPORT_NAME": an unknown export MUST terminate the session.
         if (!exp) {
-          this.fail(step, `NBD_OPT_EXPORT_NAME: unknown export ${JSON.stringify(name)}`);
+          this.fail(step, `NBD_OPT_EXPORT_NAME: unknown export ${quoted(name)}`);
           return;
         }
         const flags = transmissionFlags(exp, this.structured);
@@ -325,8 +333,8 @@ export class ServerHandshake {
     }
     const exp = findExport(this.exports, req.name);
     if (!exp) {
-      const names = this.exports.map((e) => JSON.stringify(e.name)).join(', ');
-      this.reply(step, option, RepErr.UNKNOWN, `unknown export ${JSON.stringify(req.name)}; exports: ${names}`);
+      const names = this.exports.map((e) => quoted(e.name)).join(', ');
+      this.reply(step, option, RepErr.UNKNOWN, `unknown export ${quoted(req.name)}; exports: ${names}`);
       return;
     }
     const flags = transmissionFlags(exp, this.structured);
