@@ -118,12 +118,16 @@ export interface HandshakeLimits {
   maxRepliesPerOption: number;
   /** Most exports whose details `list` asks for with NBD_OPT_INFO. */
   maxInfoQueries: number;
+  /** Most bytes of option reply payload kept over the whole handshake (a `list` of many long names). */
+  maxKeptBytes: number;
 }
 
 export const DEFAULT_LIMITS: HandshakeLimits = {
   maxReplyLength: 64 * 1024,
   maxRepliesPerOption: 10_000,
   maxInfoQueries: 1_000,
+  // 4096 exports with 4 KiB names and descriptions (proto.md's string limit) fit; 10 000 × 64 KiB do not.
+  maxKeptBytes: 32 * 1024 * 1024,
 };
 
 /** Info types we ask for. BLOCK_SIZE: we honour the server's constraints (proto.md "Size constraints"). */
@@ -156,6 +160,8 @@ export class ClientHandshake {
   private noZeroes = false;
   private pending: Pending = { name: '', replies: 0, info: {} };
   private listed: ExportListing[] = [];
+  /** Option reply payload bytes received so far (bounded by maxKeptBytes). */
+  private keptBytes = 0;
   private infoQueue: number[] = [];
   private infoIndex = -1;
   private note: string | undefined;
@@ -207,6 +213,10 @@ export class ClientHandshake {
         }
         if (h.length > this.limits.maxReplyLength) {
           throw protocol(`server sent a ${h.length}-byte reply to ${optName(s.opt)} (limit ${this.limits.maxReplyLength})`);
+        }
+        this.keptBytes += h.length;
+        if (this.keptBytes > this.limits.maxKeptBytes) {
+          throw protocol(`server sent more than ${this.limits.maxKeptBytes} bytes of option replies (limit of what we keep for one handshake)`);
         }
         if (h.length === 0) return this.optionReply(s.opt, h.type, new Uint8Array(0));
         this.state = { t: 'OPT_DATA', opt: s.opt, type: h.type };

@@ -313,7 +313,7 @@ async function driveStream(g: HandshakeGoal, chunks: Buffer[], limits: Handshake
 /** Mutations anywhere, or only past the greeting's magics (so that more runs get past it). */
 const keep = fc.constantFrom(0, 16);
 
-const SMALL_LIMITS: HandshakeLimits = { maxReplyLength: 100, maxRepliesPerOption: 3, maxInfoQueries: 2 };
+const SMALL_LIMITS: HandshakeLimits = { maxReplyLength: 100, maxRepliesPerOption: 3, maxInfoQueries: 2, maxKeptBytes: 250 };
 const limitsArb = fc.constantFrom(DEFAULT_LIMITS, SMALL_LIMITS);
 
 /** Everything a finished run must satisfy, whatever the input. */

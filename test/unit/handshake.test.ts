@@ -237,6 +237,12 @@ test('hostile server: bounded lengths, counts, magics, wrong option', () => {
   r = play({ kind: 'list', details: false }, Buffer.concat(many));
   assert.ok(r.error instanceof NbdError && /more than 10000 replies/.test(r.error.message));
 
+  // Within the count and per-reply limits, the total is bounded too: 600 names of 60 000 bytes (36 MB).
+  const big: Buffer[] = [encodeNewstyleGreeting(FIXED)];
+  for (let i = 0; i < 600; i++) big.push(encodeOptionReply(Opt.LIST, Rep.SERVER, encodeRepServer('y'.repeat(60_000))));
+  r = play({ kind: 'list', details: false }, Buffer.concat(big));
+  assert.ok(r.error instanceof NbdError && /more than 33554432 bytes of option replies/.test(r.error.message), String(r.error));
+
   r = play({ kind: 'go', name: 'x' }, Buffer.from('HTTP/1.1 400 Bad Request\r\n\r\n'));
   assert.ok(r.error instanceof NbdError && /not an NBD server/.test(r.error.message));
 
