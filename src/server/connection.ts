@@ -13,7 +13,9 @@ import tls from 'node:tls';
 import createDebug from 'debug';
 import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, SIMPLE_REPLY_LENGTH, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
 import { encodeSimpleReply, encodeSimpleReplyInto, type Request } from '../protocol/codec.ts';
+import { activityOf, type ExportActivity } from './activity.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { type PayloadBudget, processBudget } from './budget.ts';
 import { isReadOnly, type ServedExport } from './export.ts';
 import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
@@ -25,8 +27,16 @@ const log = createDebug('nbd:server');
 /** Shared by all connections of the process: idle payload buffers for reuse (bounded). */
 const sharedPool = new BufferPool();
 
-/** Per-connection read buffer when reads cannot land in a payload directly. */
+/** Per-connection read buffer when reads cannot land in a payload directly (allocated at transmission). */
 const SCRATCH_SIZE = 256 * 1024;
+/**
+ * Where handshake reads land, shared by every connection of the process: what a read brings is
+ * copied out on the same stack (onUserRead), so a connection that never reaches transmission costs
+ * no buffer of its own.
+ */
+const handshakeRead = Buffer.allocUnsafeSlow(16 * 1024);
+/** Default time from accept to the end of option haggling (qemu-nbd's --handshake-limit is 10 s too). */
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Below this many missing payload bytes, read into the scratch buffer instead. */
 const DIRECT_MIN = 16 * 1024;
 /**
@@ -97,6 +107,10 @@ export interface ConnectionOptions {
   maxInFlight?: number;
   /** Payload bytes (READ data, WRITE data) held by in-flight requests (default 64 MiB). */
   maxInFlightBytes?: number;
+  /** Payload bytes held by all connections together (default: the process's budget, 64 MiB). */
+  budget?: PayloadBudget;
+  /** Option haggling must end within this (default 10 s); 0: no limit. */
+  handshakeTimeoutMs?: number;
   /** Largest READ/WRITE accepted (default and advertised: 32 MiB, proto.md "Size constraints"). */
   maxPayload?: number;
   /** How long a shutdown waits for in-flight requests and idle handshakes before closing (default 5 s). */
@@ -128,7 +142,10 @@ export interface ServedConnection {
   readonly exportName: string | undefined;
   /** Why the connection ended (set when closed). */
   readonly closeReason: string | undefined;
-  /** Resolves when the socket has closed. Never rejects. */
+  /**
+   * Resolves when the connection is over: its socket has closed and every storage operation it
+   * started has finished. Never rejects.
+   */
   readonly done: Promise<void>;
   /** Finish in-flight requests (later ones get ESHUTDOWN), flush, close. Resolves when closed. */
   shutdown(): Promise<void>;
@@ -170,8 +187,20 @@ class Connection implements ServedConnection {
   private resolveDone!: () => void;
   private socket: Duplex;
   private readonly tlsOptions: ConnectionOptions['tls'];
-  private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
-  private readonly scratchSmall = this.scratch.subarray(0, SMALL_READ);
+  private scratch: Buffer | undefined;
+  private scratchSmall: Buffer | undefined;
+  private readonly budget: PayloadBudget;
+  /** Storage operations of the export (all connections): transmission starts after earlier ones end. */
+  private activity: ExportActivity | undefined;
+  /** Storage operations this connection started that have not finished. */
+  private ops = 0;
+  private socketClosed = false;
+  private over = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  /** Negotiated; waiting for earlier storage operations of the export before the final reply. */
+  private entering = false;
+  /** Bytes that arrived while entering (a client that did not wait for the reply). */
+  private early: Buffer[] = [];
   /** The last request framed was a large WRITE: read the next header with a small read. */
   private afterBigWrite = false;
   private direct: Buffer | undefined;
@@ -181,7 +210,7 @@ class Connection implements ServedConnection {
   private holding = false;
   private arena: Arena | undefined;
   /** Large WRITEs for the pool, sent at the end of this loop turn (queueWrite). */
-  private queuedWrites: { req: Request; payload: Buffer; cost: number }[] = [];
+  private queuedWrites: { req: Request; payload: Buffer; cost: number; op: number }[] = [];
   private readonly userBuffers: boolean;
 
   constructor(
@@ -196,7 +225,19 @@ class Connection implements ServedConnection {
     this.tlsOptions = opts.tls;
     this.hs = new ServerHandshake(exports, { tls: opts.tls?.mode ?? 'off' });
     this.pool = opts.pool ?? sharedPool;
+    this.budget = opts.budget ?? processBudget;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    const hsLimit = opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    if (hsLimit > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        if (this.phase !== 'handshake' || this.entering) return;
+        this.closeReason ??= `handshake did not finish within ${hsLimit / 1000} s`;
+        log('%s', this.closeReason);
+        this.phase = 'closing';
+        this.socket.destroy();
+      }, hsLimit);
+      this.handshakeTimer.unref();
+    }
 
     const adopted =
       opts.userBuffers === false || opts.tls // TLS replaces the socket mid-handshake: plain stream events
@@ -292,8 +333,9 @@ class Connection implements ServedConnection {
 
   /** Node's onread asks where the next read lands: the rest of a WRITE payload, or the scratch buffer. */
   private nextReadBuffer(): Uint8Array {
+    if (!this.scratch) return handshakeRead;
     this.direct = this.reader && !this.stopReading ? this.reader.directTarget(DIRECT_MIN) : undefined;
-    return this.direct ?? (this.afterBigWrite ? this.scratchSmall : this.scratch);
+    return this.direct ?? (this.afterBigWrite ? this.scratchSmall! : this.scratch);
   }
 
   private onUserRead(n: number, buf: Uint8Array): void {
@@ -305,19 +347,27 @@ class Connection implements ServedConnection {
       if (this.reader!.filledDirect(n)) this.pump();
       return;
     }
-    if (this.phase === 'handshake') {
+    if (buf === handshakeRead || this.phase === 'handshake') {
       // Handshake traffic is small: give the machine its own copy (its queue may keep bytes).
       this.onData(Buffer.from(buf.subarray(0, n)));
       return;
     }
     this.onData(Buffer.from(buf.buffer, buf.byteOffset, n));
     // The scratch buffer is reused for the next read: copy out whatever is still queued.
-    this.reader?.detach(this.scratch.buffer);
+    this.reader?.detach(buf.buffer);
   }
 
   private onData(chunk: Buffer): void {
+    if (this.entering) {
+      this.early.push(chunk);
+      return;
+    }
     if (this.phase === 'handshake') {
       const step = this.hs.push(chunk);
+      if (step.negotiated && !step.close && !step.startTls) {
+        this.enterTransmission(step.send, step.negotiated);
+        return;
+      }
       this.send(step.send);
       if (step.startTls) {
         this.upgradeToTls();
@@ -330,31 +380,56 @@ class Connection implements ServedConnection {
         this.endSocket();
         return;
       }
-      if (step.negotiated) {
-        const n = step.negotiated;
-        this.exp = n.export;
-        this.exportName = n.export.name;
-        this.structured = n.structured;
-        this.limits = {
-          size: n.export.backend.size,
-          readOnly: isReadOnly(n.export),
-          structured: n.structured,
-          maxPayload: this.maxPayload,
-        };
-        // With user buffers, received bytes live in the reused scratch buffer: payloads must be copies.
-        const place = n.export.backend.writeTarget ? (req: Request) => this.placeWrite(req) : undefined;
-        this.reader = new RequestReader(this.maxPayload, (n) => this.pool.take(n), this.userBuffers, place);
-        this.phase = 'transmission';
-        log('transmission: export %j structured=%s', n.export.name, n.structured);
-        if (this.shuttingDown) this.beginTransmissionShutdown();
-        if (n.leftover.length > 0) this.reader.push(n.leftover);
-        this.pump();
-      }
       return;
     }
     if (this.phase === 'transmission' && this.reader && !this.stopReading) {
       this.reader.push(chunk);
       this.pump();
+    }
+  }
+
+  /**
+   * The client chose an export. Its final reply (and so the client's first request) waits until
+   * every storage operation started on the export before now has finished: a client that resends a
+   * dropped connection's requests here must not be overtaken by the old connection's writes still
+   * running (the kernel's request timeout does exactly that). Usually nothing is running.
+   */
+  private enterTransmission(reply: Buffer[], n: NonNullable<ReturnType<ServerHandshake['push']>['negotiated']>): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer); // the client did its part
+    this.entering = true;
+    this.pause();
+    const activity = activityOf(n.export.backend);
+    const go = (): void => {
+      this.entering = false;
+      if (this.phase !== 'handshake' || this.socketClosed) return; // shut down or closed meanwhile
+      this.send(reply);
+      this.activity = activity;
+      this.exp = n.export;
+      this.exportName = n.export.name;
+      this.structured = n.structured;
+      this.limits = {
+        size: n.export.backend.size,
+        readOnly: isReadOnly(n.export),
+        structured: n.structured,
+        maxPayload: this.maxPayload,
+      };
+      this.scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
+      this.scratchSmall = this.scratch.subarray(0, SMALL_READ);
+      // With user buffers, received bytes live in the reused scratch buffer: payloads must be copies.
+      const place = n.export.backend.writeTarget ? (req: Request) => this.placeWrite(req) : undefined;
+      this.reader = new RequestReader(this.maxPayload, (len) => this.pool.take(len), this.userBuffers, place);
+      this.phase = 'transmission';
+      log('transmission: export %j structured=%s', n.export.name, n.structured);
+      if (this.shuttingDown) this.beginTransmissionShutdown();
+      if (n.leftover.length > 0) this.reader.push(n.leftover);
+      for (const c of this.early.splice(0)) this.reader.push(c);
+      this.pump();
+      if (!this.stopReading && !this.paused) this.socket.resume();
+    };
+    if (activity.inProgress === 0) go();
+    else {
+      log('waiting for %d storage operation(s) of earlier connections before transmission', activity.inProgress);
+      void activity.barrier().then(go);
     }
   }
 
@@ -420,8 +495,18 @@ class Connection implements ServedConnection {
 
   private frame(reader: RequestReader): void {
     while (!this.stopReading) {
+      if (this.socket.destroyed) {
+        // A reply could not be written (the peer is gone): what is still buffered is not served.
+        this.stopReading = true;
+        return;
+      }
       if (this.inFlight >= this.maxInFlight || this.inFlightBytes >= this.maxInFlightBytes) {
         this.pause();
+        return;
+      }
+      if (!this.budget.allows(this.inFlightBytes)) {
+        this.pause();
+        this.budget.wait(this.onBudget);
         return;
       }
       let item: Incoming | null;
@@ -437,6 +522,10 @@ class Connection implements ServedConnection {
     // Framing caught up: let more bytes in, but never hold more than one partial WRITE payload.
     if (!this.stopReading) this.resume();
   }
+
+  private readonly onBudget = (): void => {
+    if (this.paused && !this.stopReading) this.pump();
+  };
 
   private pause(): void {
     if (!this.paused) {
@@ -493,6 +582,7 @@ class Connection implements ServedConnection {
     const cost = (payload?.length ?? 0) + (req.type === Cmd.READ && verdict.error === 0 ? req.length : 0);
     this.inFlight++;
     this.inFlightBytes += cost;
+    this.budget.take(cost);
     if (item.kind === 'request' && item.placed) {
       this.placedWrite(req, payload!, verdict.error, verdict.message, cost); // never a pool buffer
       return;
@@ -530,9 +620,16 @@ class Connection implements ServedConnection {
       this.queueWrite(req, kept, cost);
       return;
     }
+    const op = this.beginOp(req.type === Cmd.WRITE || req.type === Cmd.WRITE_ZEROES || req.type === Cmd.TRIM);
     this.execute(req, kept, readBuf).then(
-      () => this.succeeded(req, kept, readBuf, cost),
-      (err: unknown) => this.failed(req, kept, readBuf, err, cost),
+      () => {
+        this.succeeded(req, kept, readBuf, cost);
+        this.endOp(op);
+      },
+      (err: unknown) => {
+        this.failed(req, kept, readBuf, err, cost);
+        this.endOp(op);
+      },
     );
   }
 
@@ -543,7 +640,7 @@ class Connection implements ServedConnection {
    * one per request. Image on ext4 in the VM, 1 MiB writes: medians 74 vs 68 MB/s (decisions.md).
    */
   private queueWrite(req: Request, payload: Buffer, cost: number): void {
-    this.queuedWrites.push({ req, payload, cost });
+    this.queuedWrites.push({ req, payload, cost, op: this.beginOp(true) });
     if (this.queuedWrites.length === 1) setImmediate(this.flushWrites);
   }
 
@@ -562,9 +659,11 @@ class Connection implements ServedConnection {
       this.exp!.backend.writev!(Number(run[0]!.req.offset), run.map((w) => w.payload)).then(
         () => {
           for (const w of run) this.succeeded(w.req, w.payload, undefined, w.cost);
+          for (const w of run) this.endOp(w.op);
         },
         (err: unknown) => {
           for (const w of run) this.failed(w.req, w.payload, undefined, err, w.cost);
+          for (const w of run) this.endOp(w.op);
         },
       );
       i = j;
@@ -598,17 +697,41 @@ class Connection implements ServedConnection {
       this.holdReplies();
       this.replyOk(req, undefined, cost);
     } else {
+      const op = this.beginOp(false);
       b.flush().then(
-        () => this.replyOk(req, undefined, cost),
-        (err: unknown) => this.failed(req, undefined, undefined, err, cost),
+        () => {
+          this.replyOk(req, undefined, cost);
+          this.endOp(op);
+        },
+        (err: unknown) => {
+          this.failed(req, undefined, undefined, err, cost);
+          this.endOp(op);
+        },
       );
     }
+  }
+
+  /**
+   * A storage operation starts (on the pool): the connection is not over until it ends. Those that
+   * change the data (`changes`) also hold back later connections' transmission (enterTransmission);
+   * READs and FLUSHes cannot be overtaken harmfully.
+   */
+  private beginOp(changes: boolean): number {
+    this.ops++;
+    return changes ? this.activity!.begin() : -1;
+  }
+
+  private endOp(id: number): void {
+    this.ops--;
+    if (id >= 0) this.activity!.end(id);
+    this.maybeOver();
   }
 
   /** A reply has left (or cannot): the request no longer counts against the bounds. */
   private release(cost: number): void {
     this.inFlight--;
     this.inFlightBytes -= cost;
+    this.budget.give(cost);
     if (this.paused && !this.stopReading) this.pump();
     this.maybeFinish();
   }
@@ -778,10 +901,18 @@ class Connection implements ServedConnection {
     this.finishing = true;
     this.phase = 'closing';
     this.stopReading = true;
-    const flush = this.shuttingDown && this.exp && !isReadOnly(this.exp) ? this.exp.backend.flush() : Promise.resolve();
-    flush
+    if (!(this.shuttingDown && this.exp && !isReadOnly(this.exp))) {
+      this.endSocket();
+      return;
+    }
+    const op = this.beginOp(false);
+    this.exp.backend
+      .flush()
       .catch((err: unknown) => log('flush on close failed: %s', (err as Error).message))
-      .finally(() => this.endSocket());
+      .finally(() => {
+        this.endSocket();
+        this.endOp(op);
+      });
   }
 
   /** Half-close our side; a peer that never closes its side is cut off after the grace period. */
@@ -796,11 +927,29 @@ class Connection implements ServedConnection {
   }
 
   private onClose(): void {
+    if (this.socketClosed) return;
+    this.socketClosed = true;
+    this.stopReading = true;
+    this.budget.forget(this.onBudget);
     if (this.graceTimer) clearTimeout(this.graceTimer);
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     const target = this.reader?.abandon(); // a payload that will not be completed
     if (target) this.exp?.backend.writeTargetDone?.(target);
-    this.phase = 'closed';
+    if (this.phase !== 'closed') this.phase = 'closing';
     this.closeReason ??= 'client closed the connection';
+    if (this.ops > 0) log('socket closed (%s); waiting for %d storage operation(s)', this.closeReason, this.ops);
+    this.maybeOver();
+  }
+
+  /**
+   * The one place that decides when a connection is over: its socket has closed and every storage
+   * operation it started has finished. Until then a write of this connection may still land, so
+   * `done` (which local attach and shutdown wait for) is not resolved.
+   */
+  private maybeOver(): void {
+    if (this.over || !this.socketClosed || this.ops > 0) return;
+    this.over = true;
+    this.phase = 'closed';
     log('connection closed: %s', this.closeReason);
     this.resolveDone();
   }
