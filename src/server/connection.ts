@@ -1,18 +1,23 @@
-// One client connection of the built-in server: the socket edge around the pure handshake
-// (handshake.ts) and request framing (requests.ts).
+// One client connection of the built-in server, and the one place that decides its life: phases
+// (handshake, waiting for earlier writes, transmission, closing, closed) and when it is over (socket
+// closed and every storage operation it started finished: `maybeOver`). Around it: the pure
+// handshake (handshake.ts), request framing and checks (requests.ts), the reply side (replies.ts),
+// the socket takeover (socket-edge.ts), per-export storage activity (activity.ts) and the process's
+// payload budget (budget.ts).
 //
 // Transmission: requests are dispatched as soon as they are framed and run concurrently; each reply
-// is written when its request completes (completion order, proto.md "Transmission"). Memory per
-// connection is bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes are held
-// (counted until the reply has left the socket); past either bound the socket is paused and framing
-// stops until replies drain. A protocol violation (bad request magic) closes this connection only.
+// is written when its request completes (completion order, proto.md "Transmission"). Memory is
+// bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes per connection, and
+// the process's budget for all together, are held (counted until the reply has left the socket);
+// past a bound the socket is paused and framing stops until replies drain. A protocol violation (bad
+// request magic) closes this connection only.
 
-import net from 'node:net';
+import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import createDebug from 'debug';
-import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, SIMPLE_REPLY_LENGTH, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
-import { encodeSimpleReply, encodeSimpleReplyInto, type Request } from '../protocol/codec.ts';
+import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
+import type { Request } from '../protocol/codec.ts';
 import { activityOf, type ExportActivity } from './activity.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { type PayloadBudget, processBudget } from './budget.ts';
@@ -20,7 +25,8 @@ import { isReadOnly, type ServedExport } from './export.ts';
 import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
 import { OK, RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
-import { encodeErrorChunk, encodeNone, encodeOffsetDataHeader } from './structured.ts';
+import { ARENA_READ_MAX, ReplySender } from './replies.ts';
+import { adoptWithUserBuffers, peerVerificationError } from './socket-edge.ts';
 
 const log = createDebug('nbd:server');
 
@@ -49,58 +55,6 @@ const SMALL_READ = 4096;
 const BIG_WRITE = 64 * 1024;
 /** WRITEs longer than this are received straight into the export's storage when it offers it (placeWrite). */
 const PLACE_MIN_EXCLUSIVE = INLINE_WRITE_MAX_BYTES;
-
-/**
- * Simple replies produced while one burst of requests is framed are laid out back to back in one
- * buffer (READ data read straight into it after its header) and leave in one socket write: under
- * emulation every extra JS-to-native call and stream write costs ~10 µs, more than a 4 KiB copy.
- */
-const ARENA_SIZE = 256 * 1024;
-/** Largest READ answered through the arena; larger ones get a buffer of their own. */
-const ARENA_READ_MAX = 64 * 1024;
-
-interface Arena {
-  buf: Buffer;
-  len: number;
-  /** Costs of the requests whose replies are in the arena, released once it has been written. */
-  costs: number[];
-}
-
-type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void };
-type HandleSocket = net.Socket & { _handle?: { useUserBuffer?: unknown } | null };
-
-/**
- * Re-wrap an accepted TCP/Unix socket's handle in a net.Socket that reads into buffers we choose
- * (Node's documented `onread` option, which accepted sockets cannot request). Node otherwise
- * allocates a fresh 64 KiB buffer per read; on hosts with costly page faults that churn dominated
- * large WRITEs. Returns undefined (caller keeps the 'data' path) when the socket is not a fresh
- * net.Socket with a handle.
- */
-function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket | undefined {
-  if (!(sock instanceof net.Socket)) return undefined;
-  const old = sock as HandleSocket;
-  const handle = old._handle;
-  if (!handle || typeof handle.useUserBuffer !== 'function' || old.readableLength > 0 || old.connecting || old.destroyed) {
-    return undefined;
-  }
-  old._handle = null; // the old wrapper lets go of the handle; destroying it then closes nothing
-  old.destroy();
-  return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
-}
-
-/**
- * Why the client's certificate does not verify against the server's CA, or undefined if it does.
- * Only tls.Server checks this itself (and fills `authorized`); a TLSSocket wrapped around an
- * existing socket, as STARTTLS needs, asks its handle like tls.Server does (Node's _tls_wrap.js
- * onServerSocketSecure). Fails closed if that handle method is not there.
- */
-function peerVerificationError(secure: tls.TLSSocket): string | undefined {
-  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
-  if (typeof handle?.verifyError !== 'function') return 'cannot check it in this Node.js version';
-  if (Object.keys(secure.getPeerCertificate()).length === 0) return 'none presented';
-  const err = handle.verifyError();
-  return err ? ((err as Error & { code?: string }).code ?? err.message) : undefined;
-}
 
 export interface ConnectionOptions {
   /** Requests executing or waiting for their reply to be written (default 64). */
@@ -176,7 +130,7 @@ class Connection implements ServedConnection {
   private reader: RequestReader | undefined;
   private exp: ServedExport | undefined;
   private limits: ExportLimits | undefined;
-  private structured = false;
+  private readonly out: ReplySender;
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -204,11 +158,6 @@ class Connection implements ServedConnection {
   /** The last request framed was a large WRITE: read the next header with a small read. */
   private afterBigWrite = false;
   private direct: Buffer | undefined;
-  /** True while pump() frames a burst: simple replies then go to the arena. */
-  private batching = false;
-  /** Replies are being held until the end of this loop turn (see holdReplies). */
-  private holding = false;
-  private arena: Arena | undefined;
   /** Large WRITEs for the pool, sent at the end of this loop turn (queueWrite). */
   private queuedWrites: { req: Request; payload: Buffer; cost: number; op: number }[] = [];
   private readonly userBuffers: boolean;
@@ -244,6 +193,7 @@ class Connection implements ServedConnection {
         ? undefined
         : adoptWithUserBuffers(socket, { buffer: () => this.nextReadBuffer(), callback: (n, buf) => this.onUserRead(n, buf) });
     this.socket = adopted ?? socket;
+    this.out = new ReplySender(this.socket, this.pool, (cost) => this.release(cost));
     this.userBuffers = adopted !== undefined;
     socket = this.socket;
     const s = socket as Duplex & { setNoDelay?: (v: boolean) => void };
@@ -254,7 +204,7 @@ class Connection implements ServedConnection {
       socket.resume(); // a socket accepted with pauseOnConnect does not start flowing on its own
     }
     this.listen(socket);
-    this.send([this.hs.greeting()]);
+    this.out.send([this.hs.greeting()]);
   }
 
   private readonly onDataEvent = (chunk: Buffer): void => this.onData(chunk);
@@ -300,6 +250,7 @@ class Connection implements ServedConnection {
         }),
       } as tls.TLSSocketOptions);
       this.socket = secure;
+      this.out.socket = secure;
       const timer = setTimeout(() => {
         this.closeReason ??= 'TLS handshake did not finish in time';
         secure.destroy();
@@ -368,7 +319,7 @@ class Connection implements ServedConnection {
         this.enterTransmission(step.send, step.negotiated);
         return;
       }
-      this.send(step.send);
+      this.out.send(step.send);
       if (step.startTls) {
         this.upgradeToTls();
         return;
@@ -402,11 +353,12 @@ class Connection implements ServedConnection {
     const go = (): void => {
       this.entering = false;
       if (this.phase !== 'handshake' || this.socketClosed) return; // shut down or closed meanwhile
-      this.send(reply);
+      this.out.send(reply);
+      this.out.transmission = true;
       this.activity = activity;
       this.exp = n.export;
       this.exportName = n.export.name;
-      this.structured = n.structured;
+      this.out.structured = n.structured;
       this.limits = {
         size: n.export.backend.size,
         readOnly: isReadOnly(n.export),
@@ -433,42 +385,11 @@ class Connection implements ServedConnection {
     }
   }
 
-  /** Frame and dispatch requests while within bounds. */
+  /** Frame and dispatch requests while within bounds; their replies leave together (ReplySender.burst). */
   private pump(): void {
     const reader = this.reader;
     if (!reader) return;
-    // Replies produced while framing (the fast path answers at once) leave in one writev at the end.
-    const corked = this.socket.writable;
-    if (corked) this.socket.cork();
-    this.batching = true;
-    try {
-      this.frame(reader);
-    } finally {
-      // This burst's replies leave now, unless replies are held to the end of this loop turn.
-      if (!this.holding) this.flushArena();
-      this.batching = false;
-      if (corked) this.socket.uncork();
-    }
-  }
-
-  /** The arena, with room for `need` more bytes (a full one is written out first). */
-  private arenaWithRoom(need: number): Arena {
-    const a = this.arena;
-    if (a && a.buf.length - a.len >= need) return a;
-    this.flushArena();
-    return (this.arena = { buf: this.pool.take(ARENA_SIZE), len: 0, costs: [] });
-  }
-
-  private flushArena(): void {
-    const a = this.arena;
-    if (!a) return;
-    this.arena = undefined;
-    const done = (): void => {
-      this.pool.give(a.buf);
-      for (const c of a.costs) this.release(c);
-    };
-    if (a.len === 0) done();
-    else this.send([a.buf.subarray(0, a.len)], done);
+    this.out.burst(() => this.frame(reader));
   }
 
   /**
@@ -476,21 +397,15 @@ class Connection implements ServedConnection {
    * its header. False: the backend would block (or has no inline path); use the general path.
    */
   private readIntoArena(req: Request, cost: number): boolean {
-    const readNow = this.exp!.backend.readNow;
+    const b = this.exp!.backend;
+    const readNow = b.readNow;
     if (!readNow) return false;
-    const need = SIMPLE_REPLY_LENGTH + req.length;
-    const a = this.arenaWithRoom(need);
-    const at = a.len;
     try {
-      if (!readNow.call(this.exp!.backend, Number(req.offset), a.buf.subarray(at + SIMPLE_REPLY_LENGTH, at + need))) return false;
+      return this.out.readIntoArena(req, cost, (into) => readNow.call(b, Number(req.offset), into));
     } catch (err) {
       this.failed(req, undefined, undefined, err, cost);
       return true;
     }
-    encodeSimpleReplyInto(a.buf, at, 0, req.cookie);
-    a.len += need;
-    a.costs.push(cost);
-    return true;
   }
 
   private frame(reader: RequestReader): void {
@@ -590,12 +505,12 @@ class Connection implements ServedConnection {
     if (verdict.error !== 0) {
       if (payload) this.pool.give(payload);
       log('%s cookie %s: %s (%s)', cmdName(req.type), req.cookie, wireErrName(verdict.error), verdict.message);
-      this.replyError(req, verdict.error, verdict.message, cost);
+      this.out.error(req, verdict.error, verdict.message, cost);
       return;
     }
     // Fast path: a backend that can answer without blocking (page cache, memory) does so here, and
     // the reply joins the others of this burst (arena, or pump's cork).
-    if (this.batching && req.type === Cmd.READ && !this.structured && req.length > 0 && req.length <= ARENA_READ_MAX) {
+    if (this.out.inBurst && req.type === Cmd.READ && !this.out.structured && req.length > 0 && req.length <= ARENA_READ_MAX) {
       if (this.readIntoArena(req, cost)) return;
     }
     const readBuf = req.type === Cmd.READ && req.length > 0 ? this.pool.take(req.length) : undefined;
@@ -690,17 +605,17 @@ class Connection implements ServedConnection {
     if (error !== 0) {
       // Shutdown began while the payload arrived: the client is told the write failed (its data may
       // or may not be there, as for any failed write, proto.md "Error values").
-      this.replyError(req, error, message, cost);
+      this.out.error(req, error, message, cost);
     } else if ((req.flags & CmdFlag.FUA) === 0) {
       // Held like a pool completion: a payload completes on nearly every socket read of a stream of
-      // large WRITEs, and one reply per socket write is what holdReplies measured as costly.
-      this.holdReplies();
-      this.replyOk(req, undefined, cost);
+      // large WRITEs, and one reply per socket write is what ReplySender.hold measured as costly.
+      this.out.hold();
+      this.out.ok(req, undefined, cost);
     } else {
       const op = this.beginOp(false);
       b.flush().then(
         () => {
-          this.replyOk(req, undefined, cost);
+          this.out.ok(req, undefined, cost);
           this.endOp(op);
         },
         (err: unknown) => {
@@ -736,14 +651,9 @@ class Connection implements ServedConnection {
     this.maybeFinish();
   }
 
-  private released(data: Buffer, cost: number): void {
-    this.pool.give(data); // the socket is done with it
-    this.release(cost);
-  }
-
   private succeeded(req: Request, payload: Buffer | undefined, data: Buffer | undefined, cost: number): void {
     if (payload) this.pool.give(payload); // the backend is done with it
-    this.replyOk(req, data, cost);
+    this.out.ok(req, data, cost);
   }
 
   private failed(req: Request, payload: Buffer | undefined, data: Buffer | undefined, err: unknown, cost: number): void {
@@ -751,7 +661,7 @@ class Connection implements ServedConnection {
     if (data) this.pool.give(data);
     const code = wireErrorOf(err);
     log('%s cookie %s failed: %s', cmdName(req.type), req.cookie, (err as Error)?.message);
-    this.replyError(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, cost);
+    this.out.error(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, cost);
   }
 
   /** Run a READ or WRITE now if the backend can without blocking; false: use `execute`. Throws on I/O errors. */
@@ -792,75 +702,6 @@ class Connection implements ServedConnection {
       default:
         throw new Error(`unexpected ${cmdName(req.type)}`);
     }
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // Output
-
-  private replyOk(req: Request, data: Buffer | undefined, cost: number): void {
-    if (req.type === Cmd.READ && this.structured) {
-      // One OFFSET_DATA chunk flagged DONE: the data is fully read before the header goes out, so no
-      // error can follow it (proto.md "NBD_CMD_READ" › structured replies). Empty reads get NONE.
-      if (!data || data.length === 0) this.send([encodeNone(req.cookie)], () => this.release(cost));
-      else this.send([encodeOffsetDataHeader(req.cookie, req.offset, data.length, true), data], () => this.released(data, cost));
-      return;
-    }
-    if (req.type === Cmd.READ && data && data.length > 0) {
-      this.send([encodeSimpleReply(0, req.cookie), data], () => this.released(data, cost));
-    } else {
-      if (data) this.pool.give(data);
-      this.sendSimple(0, req.cookie, cost);
-    }
-  }
-
-  /** A simple reply header alone (transmission only): into the arena of this burst, or of this loop turn. */
-  private sendSimple(error: number, cookie: bigint, cost: number): void {
-    if (!this.batching) this.holdReplies();
-    const a = this.arenaWithRoom(SIMPLE_REPLY_LENGTH);
-    encodeSimpleReplyInto(a.buf, a.len, error, cookie);
-    a.len += SIMPLE_REPLY_LENGTH;
-    a.costs.push(cost);
-  }
-
-  private replyError(req: Request, error: number, message: string, cost: number): void {
-    // Structured clients get the message too; READ MUST NOT get a simple reply once structured.
-    if (this.structured) this.send([encodeErrorChunk(req.cookie, error, message)], () => this.release(cost));
-    else this.sendSimple(error, req.cookie, cost);
-  }
-
-  /**
-   * Replies of requests that completed outside a burst (on the pool) are held and leave together
-   * at the end of this loop turn, in one writev: completions arrive in batches under load, and
-   * each socket write also runs the peer's TCP receive path (loopback) on this thread. Measured
-   * in the VM (1 MiB sequential writes, which the kernel sends as 128 KiB requests): +45-90%,
-   * random 4 KiB reads unchanged (those replies leave with their burst, not held).
-   */
-  private holdReplies(): void {
-    if (this.holding) return;
-    this.holding = true;
-    this.socket.cork();
-    setImmediate(this.releaseHeld);
-  }
-
-  private readonly releaseHeld = (): void => {
-    this.holding = false;
-    this.flushArena();
-    this.socket.uncork();
-  };
-
-  /** Write buffers back to back (one writev); `done` runs once they have left (or cannot). */
-  private send(bufs: Buffer[], done?: () => void): void {
-    if (bufs.length === 0 || this.socket.destroyed || !this.socket.writable) {
-      if (done) queueMicrotask(done);
-      return;
-    }
-    if (!this.batching && this.phase === 'transmission') this.holdReplies(); // handshake replies go at once
-    if (bufs.length > 1) this.socket.cork();
-    for (let i = 0; i < bufs.length; i++) {
-      const last = i === bufs.length - 1;
-      this.socket.write(bufs[i]!, last ? done : undefined);
-    }
-    if (bufs.length > 1) this.socket.uncork();
   }
 
   // -------------------------------------------------------------------------------------------
