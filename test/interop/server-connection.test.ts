@@ -16,6 +16,7 @@ import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
+import { PayloadBudget } from '../../src/server/budget.ts';
 import { loadTlsContext } from '../../src/commands/serve.ts';
 import { makePki } from '../lib/servers.ts';
 
@@ -898,6 +899,28 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     c.send({ type: Cmd.READ, cookie: 1n, length: 16 });
     assert.deepEqual(await c.reply(new Map([[1n, 16]])), { cookie: 1n, error: 0, data: Buffer.alloc(16) });
     await c.close();
+  });
+
+  it('one payload budget for all connections: framing stops over it, and unread replies give their bytes back when the client goes', { timeout: TIMEOUT }, async () => {
+    const budget = new PayloadBudget(4 << 20);
+    const srv = await serve({ exports: [memoryExport(64 << 20, { name: 'm' })], connection: { budget } });
+    const clients = [await RawClient.open(srv, 'm'), await RawClient.open(srv, 'm')];
+    for (const { c } of clients) {
+      c.socket.pause(); // never reads a reply
+      for (let i = 0; i < 32; i++) c.send({ type: Cmd.READ, cookie: BigInt(i), offset: BigInt(i << 20), length: 1 << 20 });
+    }
+    let peak = 0;
+    for (let i = 0; i < 40; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      peak = Math.max(peak, budget.held);
+    }
+    assert.ok(peak > 0, 'requests were taken');
+    // 4 MiB for the process, plus at most one 1 MiB request for a connection with nothing in flight.
+    assert.ok(peak <= 6 << 20, `held ${peak} bytes`);
+    for (const { c } of clients) c.socket.destroy();
+    for (let i = 0; i < 200 && srv.connections.size > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(srv.connections.size, 0);
+    assert.equal(budget.held, 0, 'every reply that will never be read gave its bytes back');
   });
 
   it('caps connections in total and per address; a closed one frees its place', { timeout: TIMEOUT }, async () => {
