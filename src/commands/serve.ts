@@ -8,8 +8,8 @@ import tls from 'node:tls';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { NbdError } from '../errors.ts';
 import { DEFAULT_PORT } from '../protocol/constants.ts';
-import type { ConnectionOptions } from '../server/connection.ts';
-import { fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, type ConnectionOptions } from '../server/connection.ts';
+import { DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, fileExport, formatSize, memoryExport, parseSize, startServer, type ServedExport } from '../server/index.ts';
 import { isReadOnly } from '../server/export.ts';
 import { loadPskFile } from '../tls-files.ts';
 import { display } from '../text.ts';
@@ -26,6 +26,9 @@ interface ServeOptions {
   tlsCertificates?: string;
   tlsVerifyPeer?: boolean;
   tlsPsk?: string;
+  handshakeTimeout: number;
+  maxConnections: number;
+  maxConnectionsPerAddress: number;
 }
 
 const TLS_MODES = ['off', 'on', 'require'] as const;
@@ -82,6 +85,16 @@ function tlsSettingsOf(opts: ServeOptions): { config: NonNullable<ConnectionOpti
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+function seconds(text: string): number {
+  if (!/^\d+(\.\d+)?$/.test(text)) throw new InvalidArgumentError(`'${text}' is not a number of seconds (0 = no limit)`);
+  return Number(text);
+}
+
+function count(text: string): number {
+  if (!/^\d+$/.test(text) || Number(text) < 1) throw new InvalidArgumentError(`'${text}' is not a positive whole number`);
+  return Number(text);
+}
 
 function port(text: string): number {
   if (!/^\d+$/.test(text) || Number(text) > 65535) throw new InvalidArgumentError(`'${text}' is not a port number (0-65535)`);
@@ -145,6 +158,9 @@ export function register(program: Command): void {
     .option('--tls-certificates <dir>', 'X.509 directory with server-cert.pem and server-key.pem (as for nbdkit and qemu); needed with --tls on|require')
     .option('--tls-verify-peer', 'with TLS, accept only clients whose certificate is signed by the directory\'s ca-cert.pem')
     .option('--tls-psk <file>', 'with TLS, pre-shared keys instead of certificates: lines IDENTITY:HEXKEY (as nbdkit and psktool)')
+    .option('--handshake-timeout <seconds>', 'close a client that has not finished negotiating within this (0: no limit)', seconds, DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000)
+    .option('--max-connections <n>', 'connections open at once; more are closed when accepted', count, DEFAULT_MAX_CONNECTIONS)
+    .option('--max-connections-per-address <n>', 'connections open at once from one client IP address', count, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)
     .action(async (files: string[], opts: ServeOptions) => {
       const tlsSettings = tlsSettingsOf(opts);
       if (opts.unix !== undefined && opts.port !== undefined) {
@@ -169,7 +185,9 @@ export function register(program: Command): void {
       const srv = await startServer({
         exports,
         ...(opts.unix !== undefined ? { unix: opts.unix } : { port: opts.port ?? DEFAULT_PORT, host: opts.bind }),
-        ...(tlsSettings ? { connection: { tls: tlsSettings.config } } : {}),
+        connection: { handshakeTimeoutMs: opts.handshakeTimeout * 1000, ...(tlsSettings ? { tls: tlsSettings.config } : {}) },
+        maxConnections: opts.maxConnections,
+        maxConnectionsPerAddress: opts.maxConnectionsPerAddress,
       });
       process.stdout.write(`nbd-attach serve: listening on ${srv.address}${tlsSettings?.note ?? ''}; exports: ${exports.map(describe).join(', ')}\n`);
 

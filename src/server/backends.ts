@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import * as libc from '../../native-bindings/libc.ts';
 import { NbdError } from '../errors.ts';
 import type { Backend } from './export.ts';
-import { INLINE_WRITE_MAX_BYTES, InlineGuard } from './inline-io.ts';
+import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
 import { formatSize } from './size.ts';
 
 /** Largest zero buffer written at once by WRITE_ZEROES on a file (shared, never modified). */
@@ -99,8 +99,8 @@ class FileBackend implements Backend {
   private nowaitReads: boolean;
   /** fallocate modes the file system refused (EOPNOTSUPP): not tried again. */
   private unsupportedFalloc = 0;
-  /** Watches inline calls for waiting; none for a RAM-backed file (nothing to wait for). */
-  private readonly guard: InlineGuard | undefined;
+  /** On tmpfs/ramfs: plain reads and writes cannot wait for a disk, so they may run inline. */
+  private readonly inMemory: boolean;
   /** False once the FFI turned out to be unavailable: then only the pool paths are used. */
   private ffi = true;
   /** writeTarget may map the file (writable, on tmpfs/ramfs); false after a mapping failed. */
@@ -125,15 +125,18 @@ class FileBackend implements Backend {
     this.description = `file ${resolve(path)}`;
     this.mappable = inMemory && !readOnly && size > 0;
     this.nowaitReads = !inMemory;
-    this.guard = inMemory ? undefined : new InlineGuard();
+    this.inMemory = inMemory;
   }
 
-  /** Run `fn` inline (timed by the guard when there is one); false if it could not run. */
-  private inline(bytes: number, fn: () => void): boolean {
-    if (!this.ffi || (this.guard && !this.guard.allowed)) return false;
+  /**
+   * Run `fn` inline, on a file in RAM only; false if it cannot run here. On a disk file a plain
+   * pread/pwrite may wait without bound (a frozen file system, a hung NFS server, writeback
+   * throttling), and on the event loop that would stop the whole process: no reconnect, no signal.
+   */
+  private inline(fn: () => void): boolean {
+    if (!this.ffi || !this.inMemory) return false;
     try {
-      if (this.guard) this.guard.run(bytes, fn);
-      else fn();
+      fn();
       return true;
     } catch (err) {
       if (err instanceof libc.SyscallError || (err as { code?: string }).code === 'EIO') throw err;
@@ -143,8 +146,9 @@ class FileBackend implements Backend {
   }
 
   /**
-   * Inline read: from the page cache without blocking (RWF_NOWAIT) when the file system supports it,
-   * else a plain pread under the InlineGuard. False: not (all) cached, or the guard says pool.
+   * Inline read: from the page cache without blocking (RWF_NOWAIT) on a disk file whose file system
+   * supports it, a plain pread on a file in RAM. False: not (all) cached, or no way to read without
+   * blocking: use `read` (the pool).
    */
   readNow(offset: number, buf: Buffer): boolean {
     if (this.nowaitReads) {
@@ -152,10 +156,10 @@ class FileBackend implements Backend {
         return libc.preadNowait(this.fh.fd, buf, offset) === buf.length;
       } catch (err) {
         if (err instanceof libc.SyscallError && err.code !== 'EOPNOTSUPP') throw err; // a real I/O error
-        this.nowaitReads = false; // unsupported here (or no FFI): fall through to the guarded path
+        this.nowaitReads = false; // unsupported here (or no FFI): the pool from now on
       }
     }
-    return this.inline(buf.length, () => {
+    return this.inline(() => {
       let done = libc.pread(this.fh.fd, buf, offset);
       while (done < buf.length) {
         const n = libc.pread(this.fh.fd, buf.subarray(done), offset + done);
@@ -176,10 +180,14 @@ class FileBackend implements Backend {
     }
   }
 
-  /** Inline write into the page cache under the InlineGuard; FUA (fdatasync) and big writes go to the pool. */
+  /**
+   * Inline write, on a file in RAM only (see `inline`): a buffered write to a disk file can block
+   * without bound (a frozen file system holds every writer until it is thawed). FUA (fdatasync) and
+   * big writes go to the pool.
+   */
   writeNow(offset: number, data: Uint8Array, fua: boolean): boolean {
     if (fua || data.length > INLINE_WRITE_MAX_BYTES) return false;
-    return this.inline(data.length, () => {
+    return this.inline(() => {
       let done = libc.pwrite(this.fh.fd, data, offset);
       while (done < data.length) done += libc.pwrite(this.fh.fd, data.subarray(done), offset + done);
     });

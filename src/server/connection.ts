@@ -1,32 +1,48 @@
-// One client connection of the built-in server: the socket edge around the pure handshake
-// (handshake.ts) and request framing (requests.ts).
+// One client connection of the built-in server, and the one place that decides its life: phases
+// (handshake, waiting for earlier writes, transmission, closing, closed) and when it is over (socket
+// closed and every storage operation it started finished: `maybeOver`). Around it: the pure
+// handshake (handshake.ts), request framing and checks (requests.ts), the reply side (replies.ts),
+// the socket takeover (socket-edge.ts), per-export storage activity (activity.ts) and the process's
+// payload budget (budget.ts).
 //
 // Transmission: requests are dispatched as soon as they are framed and run concurrently; each reply
-// is written when its request completes (completion order, proto.md "Transmission"). Memory per
-// connection is bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes are held
-// (counted until the reply has left the socket); past either bound the socket is paused and framing
-// stops until replies drain. A protocol violation (bad request magic) closes this connection only.
+// is written when its request completes (completion order, proto.md "Transmission"). Memory is
+// bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes per connection, and
+// the process's budget for all together, are held (counted until the reply has left the socket);
+// past a bound the socket is paused and framing stops until replies drain. A protocol violation (bad
+// request magic) closes this connection only.
 
-import net from 'node:net';
+import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import createDebug from 'debug';
-import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, SIMPLE_REPLY_LENGTH, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
-import { encodeSimpleReply, encodeSimpleReplyInto, type Request } from '../protocol/codec.ts';
+import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
+import type { Request } from '../protocol/codec.ts';
+import { activityOf, type ExportActivity } from './activity.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { type PayloadBudget, processBudget } from './budget.ts';
 import { isReadOnly, type ServedExport } from './export.ts';
 import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
 import { OK, RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
-import { encodeErrorChunk, encodeNone, encodeOffsetDataHeader } from './structured.ts';
+import { ARENA_READ_MAX, ReplySender } from './replies.ts';
+import { adoptWithUserBuffers, peerVerificationError } from './socket-edge.ts';
 
 const log = createDebug('nbd:server');
 
 /** Shared by all connections of the process: idle payload buffers for reuse (bounded). */
 const sharedPool = new BufferPool();
 
-/** Per-connection read buffer when reads cannot land in a payload directly. */
+/** Per-connection read buffer when reads cannot land in a payload directly (allocated at transmission). */
 const SCRATCH_SIZE = 256 * 1024;
+/**
+ * Where handshake reads land, shared by every connection of the process: what a read brings is
+ * copied out on the same stack (onUserRead), so a connection that never reaches transmission costs
+ * no buffer of its own.
+ */
+const handshakeRead = Buffer.allocUnsafeSlow(16 * 1024);
+/** Default time from accept to the end of option haggling (qemu-nbd's --handshake-limit is 10 s too). */
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Below this many missing payload bytes, read into the scratch buffer instead. */
 const DIRECT_MIN = 16 * 1024;
 /**
@@ -40,63 +56,15 @@ const BIG_WRITE = 64 * 1024;
 /** WRITEs longer than this are received straight into the export's storage when it offers it (placeWrite). */
 const PLACE_MIN_EXCLUSIVE = INLINE_WRITE_MAX_BYTES;
 
-/**
- * Simple replies produced while one burst of requests is framed are laid out back to back in one
- * buffer (READ data read straight into it after its header) and leave in one socket write: under
- * emulation every extra JS-to-native call and stream write costs ~10 µs, more than a 4 KiB copy.
- */
-const ARENA_SIZE = 256 * 1024;
-/** Largest READ answered through the arena; larger ones get a buffer of their own. */
-const ARENA_READ_MAX = 64 * 1024;
-
-interface Arena {
-  buf: Buffer;
-  len: number;
-  /** Costs of the requests whose replies are in the arena, released once it has been written. */
-  costs: number[];
-}
-
-type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void };
-type HandleSocket = net.Socket & { _handle?: { useUserBuffer?: unknown } | null };
-
-/**
- * Re-wrap an accepted TCP/Unix socket's handle in a net.Socket that reads into buffers we choose
- * (Node's documented `onread` option, which accepted sockets cannot request). Node otherwise
- * allocates a fresh 64 KiB buffer per read; on hosts with costly page faults that churn dominated
- * large WRITEs. Returns undefined (caller keeps the 'data' path) when the socket is not a fresh
- * net.Socket with a handle.
- */
-function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket | undefined {
-  if (!(sock instanceof net.Socket)) return undefined;
-  const old = sock as HandleSocket;
-  const handle = old._handle;
-  if (!handle || typeof handle.useUserBuffer !== 'function' || old.readableLength > 0 || old.connecting || old.destroyed) {
-    return undefined;
-  }
-  old._handle = null; // the old wrapper lets go of the handle; destroying it then closes nothing
-  old.destroy();
-  return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
-}
-
-/**
- * Why the client's certificate does not verify against the server's CA, or undefined if it does.
- * Only tls.Server checks this itself (and fills `authorized`); a TLSSocket wrapped around an
- * existing socket, as STARTTLS needs, asks its handle like tls.Server does (Node's _tls_wrap.js
- * onServerSocketSecure). Fails closed if that handle method is not there.
- */
-function peerVerificationError(secure: tls.TLSSocket): string | undefined {
-  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
-  if (typeof handle?.verifyError !== 'function') return 'cannot check it in this Node.js version';
-  if (Object.keys(secure.getPeerCertificate()).length === 0) return 'none presented';
-  const err = handle.verifyError();
-  return err ? ((err as Error & { code?: string }).code ?? err.message) : undefined;
-}
-
 export interface ConnectionOptions {
   /** Requests executing or waiting for their reply to be written (default 64). */
   maxInFlight?: number;
   /** Payload bytes (READ data, WRITE data) held by in-flight requests (default 64 MiB). */
   maxInFlightBytes?: number;
+  /** Payload bytes held by all connections together (default: the process's budget, 64 MiB). */
+  budget?: PayloadBudget;
+  /** Option haggling must end within this (default 10 s); 0: no limit. */
+  handshakeTimeoutMs?: number;
   /** Largest READ/WRITE accepted (default and advertised: 32 MiB, proto.md "Size constraints"). */
   maxPayload?: number;
   /** How long a shutdown waits for in-flight requests and idle handshakes before closing (default 5 s). */
@@ -128,7 +96,10 @@ export interface ServedConnection {
   readonly exportName: string | undefined;
   /** Why the connection ended (set when closed). */
   readonly closeReason: string | undefined;
-  /** Resolves when the socket has closed. Never rejects. */
+  /**
+   * Resolves when the connection is over: its socket has closed and every storage operation it
+   * started has finished. Never rejects.
+   */
   readonly done: Promise<void>;
   /** Finish in-flight requests (later ones get ESHUTDOWN), flush, close. Resolves when closed. */
   shutdown(): Promise<void>;
@@ -159,7 +130,7 @@ class Connection implements ServedConnection {
   private reader: RequestReader | undefined;
   private exp: ServedExport | undefined;
   private limits: ExportLimits | undefined;
-  private structured = false;
+  private readonly out: ReplySender;
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -170,18 +141,25 @@ class Connection implements ServedConnection {
   private resolveDone!: () => void;
   private socket: Duplex;
   private readonly tlsOptions: ConnectionOptions['tls'];
-  private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
-  private readonly scratchSmall = this.scratch.subarray(0, SMALL_READ);
+  private scratch: Buffer | undefined;
+  private scratchSmall: Buffer | undefined;
+  private readonly budget: PayloadBudget;
+  /** Storage operations of the export (all connections): transmission starts after earlier ones end. */
+  private activity: ExportActivity | undefined;
+  /** Storage operations this connection started that have not finished. */
+  private ops = 0;
+  private socketClosed = false;
+  private over = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  /** Negotiated; waiting for earlier storage operations of the export before the final reply. */
+  private entering = false;
+  /** Bytes that arrived while entering (a client that did not wait for the reply). */
+  private early: Buffer[] = [];
   /** The last request framed was a large WRITE: read the next header with a small read. */
   private afterBigWrite = false;
   private direct: Buffer | undefined;
-  /** True while pump() frames a burst: simple replies then go to the arena. */
-  private batching = false;
-  /** Replies are being held until the end of this loop turn (see holdReplies). */
-  private holding = false;
-  private arena: Arena | undefined;
   /** Large WRITEs for the pool, sent at the end of this loop turn (queueWrite). */
-  private queuedWrites: { req: Request; payload: Buffer; cost: number }[] = [];
+  private queuedWrites: { req: Request; payload: Buffer; cost: number; op: number }[] = [];
   private readonly userBuffers: boolean;
 
   constructor(
@@ -196,13 +174,26 @@ class Connection implements ServedConnection {
     this.tlsOptions = opts.tls;
     this.hs = new ServerHandshake(exports, { tls: opts.tls?.mode ?? 'off' });
     this.pool = opts.pool ?? sharedPool;
+    this.budget = opts.budget ?? processBudget;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    const hsLimit = opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    if (hsLimit > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        if (this.phase !== 'handshake' || this.entering) return;
+        this.closeReason ??= `handshake did not finish within ${hsLimit / 1000} s`;
+        log('%s', this.closeReason);
+        this.phase = 'closing';
+        this.socket.destroy();
+      }, hsLimit);
+      this.handshakeTimer.unref();
+    }
 
     const adopted =
       opts.userBuffers === false || opts.tls // TLS replaces the socket mid-handshake: plain stream events
         ? undefined
         : adoptWithUserBuffers(socket, { buffer: () => this.nextReadBuffer(), callback: (n, buf) => this.onUserRead(n, buf) });
     this.socket = adopted ?? socket;
+    this.out = new ReplySender(this.socket, this.pool, (cost) => this.release(cost));
     this.userBuffers = adopted !== undefined;
     socket = this.socket;
     const s = socket as Duplex & { setNoDelay?: (v: boolean) => void };
@@ -213,7 +204,7 @@ class Connection implements ServedConnection {
       socket.resume(); // a socket accepted with pauseOnConnect does not start flowing on its own
     }
     this.listen(socket);
-    this.send([this.hs.greeting()]);
+    this.out.send([this.hs.greeting()]);
   }
 
   private readonly onDataEvent = (chunk: Buffer): void => this.onData(chunk);
@@ -259,6 +250,7 @@ class Connection implements ServedConnection {
         }),
       } as tls.TLSSocketOptions);
       this.socket = secure;
+      this.out.socket = secure;
       const timer = setTimeout(() => {
         this.closeReason ??= 'TLS handshake did not finish in time';
         secure.destroy();
@@ -292,8 +284,9 @@ class Connection implements ServedConnection {
 
   /** Node's onread asks where the next read lands: the rest of a WRITE payload, or the scratch buffer. */
   private nextReadBuffer(): Uint8Array {
+    if (!this.scratch) return handshakeRead;
     this.direct = this.reader && !this.stopReading ? this.reader.directTarget(DIRECT_MIN) : undefined;
-    return this.direct ?? (this.afterBigWrite ? this.scratchSmall : this.scratch);
+    return this.direct ?? (this.afterBigWrite ? this.scratchSmall! : this.scratch);
   }
 
   private onUserRead(n: number, buf: Uint8Array): void {
@@ -305,20 +298,28 @@ class Connection implements ServedConnection {
       if (this.reader!.filledDirect(n)) this.pump();
       return;
     }
-    if (this.phase === 'handshake') {
+    if (buf === handshakeRead || this.phase === 'handshake') {
       // Handshake traffic is small: give the machine its own copy (its queue may keep bytes).
       this.onData(Buffer.from(buf.subarray(0, n)));
       return;
     }
     this.onData(Buffer.from(buf.buffer, buf.byteOffset, n));
     // The scratch buffer is reused for the next read: copy out whatever is still queued.
-    this.reader?.detach(this.scratch.buffer);
+    this.reader?.detach(buf.buffer);
   }
 
   private onData(chunk: Buffer): void {
+    if (this.entering) {
+      this.early.push(chunk);
+      return;
+    }
     if (this.phase === 'handshake') {
       const step = this.hs.push(chunk);
-      this.send(step.send);
+      if (step.negotiated && !step.close && !step.startTls) {
+        this.enterTransmission(step.send, step.negotiated);
+        return;
+      }
+      this.out.send(step.send);
       if (step.startTls) {
         this.upgradeToTls();
         return;
@@ -330,26 +331,6 @@ class Connection implements ServedConnection {
         this.endSocket();
         return;
       }
-      if (step.negotiated) {
-        const n = step.negotiated;
-        this.exp = n.export;
-        this.exportName = n.export.name;
-        this.structured = n.structured;
-        this.limits = {
-          size: n.export.backend.size,
-          readOnly: isReadOnly(n.export),
-          structured: n.structured,
-          maxPayload: this.maxPayload,
-        };
-        // With user buffers, received bytes live in the reused scratch buffer: payloads must be copies.
-        const place = n.export.backend.writeTarget ? (req: Request) => this.placeWrite(req) : undefined;
-        this.reader = new RequestReader(this.maxPayload, (n) => this.pool.take(n), this.userBuffers, place);
-        this.phase = 'transmission';
-        log('transmission: export %j structured=%s', n.export.name, n.structured);
-        if (this.shuttingDown) this.beginTransmissionShutdown();
-        if (n.leftover.length > 0) this.reader.push(n.leftover);
-        this.pump();
-      }
       return;
     }
     if (this.phase === 'transmission' && this.reader && !this.stopReading) {
@@ -358,42 +339,57 @@ class Connection implements ServedConnection {
     }
   }
 
-  /** Frame and dispatch requests while within bounds. */
-  private pump(): void {
-    const reader = this.reader;
-    if (!reader) return;
-    // Replies produced while framing (the fast path answers at once) leave in one writev at the end.
-    const corked = this.socket.writable;
-    if (corked) this.socket.cork();
-    this.batching = true;
-    try {
-      this.frame(reader);
-    } finally {
-      // This burst's replies leave now, unless replies are held to the end of this loop turn.
-      if (!this.holding) this.flushArena();
-      this.batching = false;
-      if (corked) this.socket.uncork();
+  /**
+   * The client chose an export. Its final reply (and so the client's first request) waits until
+   * every storage operation started on the export before now has finished: a client that resends a
+   * dropped connection's requests here must not be overtaken by the old connection's writes still
+   * running (the kernel's request timeout does exactly that). Usually nothing is running.
+   */
+  private enterTransmission(reply: Buffer[], n: NonNullable<ReturnType<ServerHandshake['push']>['negotiated']>): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer); // the client did its part
+    this.entering = true;
+    this.pause();
+    const activity = activityOf(n.export.backend);
+    const go = (): void => {
+      this.entering = false;
+      if (this.phase !== 'handshake' || this.socketClosed) return; // shut down or closed meanwhile
+      this.out.send(reply);
+      this.out.transmission = true;
+      this.activity = activity;
+      this.exp = n.export;
+      this.exportName = n.export.name;
+      this.out.structured = n.structured;
+      this.limits = {
+        size: n.export.backend.size,
+        readOnly: isReadOnly(n.export),
+        structured: n.structured,
+        maxPayload: this.maxPayload,
+      };
+      this.scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
+      this.scratchSmall = this.scratch.subarray(0, SMALL_READ);
+      // With user buffers, received bytes live in the reused scratch buffer: payloads must be copies.
+      const place = n.export.backend.writeTarget ? (req: Request) => this.placeWrite(req) : undefined;
+      this.reader = new RequestReader(this.maxPayload, (len) => this.pool.take(len), this.userBuffers, place);
+      this.phase = 'transmission';
+      log('transmission: export %j structured=%s', n.export.name, n.structured);
+      if (this.shuttingDown) this.beginTransmissionShutdown();
+      if (n.leftover.length > 0) this.reader.push(n.leftover);
+      for (const c of this.early.splice(0)) this.reader.push(c);
+      this.pump();
+      if (!this.stopReading && !this.paused) this.socket.resume();
+    };
+    if (activity.inProgress === 0) go();
+    else {
+      log('waiting for %d storage operation(s) of earlier connections before transmission', activity.inProgress);
+      void activity.barrier().then(go);
     }
   }
 
-  /** The arena, with room for `need` more bytes (a full one is written out first). */
-  private arenaWithRoom(need: number): Arena {
-    const a = this.arena;
-    if (a && a.buf.length - a.len >= need) return a;
-    this.flushArena();
-    return (this.arena = { buf: this.pool.take(ARENA_SIZE), len: 0, costs: [] });
-  }
-
-  private flushArena(): void {
-    const a = this.arena;
-    if (!a) return;
-    this.arena = undefined;
-    const done = (): void => {
-      this.pool.give(a.buf);
-      for (const c of a.costs) this.release(c);
-    };
-    if (a.len === 0) done();
-    else this.send([a.buf.subarray(0, a.len)], done);
+  /** Frame and dispatch requests while within bounds; their replies leave together (ReplySender.burst). */
+  private pump(): void {
+    const reader = this.reader;
+    if (!reader) return;
+    this.out.burst(() => this.frame(reader));
   }
 
   /**
@@ -401,27 +397,31 @@ class Connection implements ServedConnection {
    * its header. False: the backend would block (or has no inline path); use the general path.
    */
   private readIntoArena(req: Request, cost: number): boolean {
-    const readNow = this.exp!.backend.readNow;
+    const b = this.exp!.backend;
+    const readNow = b.readNow;
     if (!readNow) return false;
-    const need = SIMPLE_REPLY_LENGTH + req.length;
-    const a = this.arenaWithRoom(need);
-    const at = a.len;
     try {
-      if (!readNow.call(this.exp!.backend, Number(req.offset), a.buf.subarray(at + SIMPLE_REPLY_LENGTH, at + need))) return false;
+      return this.out.readIntoArena(req, cost, (into) => readNow.call(b, Number(req.offset), into));
     } catch (err) {
       this.failed(req, undefined, undefined, err, cost);
       return true;
     }
-    encodeSimpleReplyInto(a.buf, at, 0, req.cookie);
-    a.len += need;
-    a.costs.push(cost);
-    return true;
   }
 
   private frame(reader: RequestReader): void {
     while (!this.stopReading) {
+      if (this.socket.destroyed) {
+        // A reply could not be written (the peer is gone): what is still buffered is not served.
+        this.stopReading = true;
+        return;
+      }
       if (this.inFlight >= this.maxInFlight || this.inFlightBytes >= this.maxInFlightBytes) {
         this.pause();
+        return;
+      }
+      if (!this.budget.allows(this.inFlightBytes)) {
+        this.pause();
+        this.budget.wait(this.onBudget);
         return;
       }
       let item: Incoming | null;
@@ -437,6 +437,10 @@ class Connection implements ServedConnection {
     // Framing caught up: let more bytes in, but never hold more than one partial WRITE payload.
     if (!this.stopReading) this.resume();
   }
+
+  private readonly onBudget = (): void => {
+    if (this.paused && !this.stopReading) this.pump();
+  };
 
   private pause(): void {
     if (!this.paused) {
@@ -493,6 +497,7 @@ class Connection implements ServedConnection {
     const cost = (payload?.length ?? 0) + (req.type === Cmd.READ && verdict.error === 0 ? req.length : 0);
     this.inFlight++;
     this.inFlightBytes += cost;
+    this.budget.take(cost);
     if (item.kind === 'request' && item.placed) {
       this.placedWrite(req, payload!, verdict.error, verdict.message, cost); // never a pool buffer
       return;
@@ -500,12 +505,12 @@ class Connection implements ServedConnection {
     if (verdict.error !== 0) {
       if (payload) this.pool.give(payload);
       log('%s cookie %s: %s (%s)', cmdName(req.type), req.cookie, wireErrName(verdict.error), verdict.message);
-      this.replyError(req, verdict.error, verdict.message, cost);
+      this.out.error(req, verdict.error, verdict.message, cost);
       return;
     }
     // Fast path: a backend that can answer without blocking (page cache, memory) does so here, and
     // the reply joins the others of this burst (arena, or pump's cork).
-    if (this.batching && req.type === Cmd.READ && !this.structured && req.length > 0 && req.length <= ARENA_READ_MAX) {
+    if (this.out.inBurst && req.type === Cmd.READ && !this.out.structured && req.length > 0 && req.length <= ARENA_READ_MAX) {
       if (this.readIntoArena(req, cost)) return;
     }
     const readBuf = req.type === Cmd.READ && req.length > 0 ? this.pool.take(req.length) : undefined;
@@ -530,9 +535,16 @@ class Connection implements ServedConnection {
       this.queueWrite(req, kept, cost);
       return;
     }
+    const op = this.beginOp(req.type === Cmd.WRITE || req.type === Cmd.WRITE_ZEROES || req.type === Cmd.TRIM);
     this.execute(req, kept, readBuf).then(
-      () => this.succeeded(req, kept, readBuf, cost),
-      (err: unknown) => this.failed(req, kept, readBuf, err, cost),
+      () => {
+        this.succeeded(req, kept, readBuf, cost);
+        this.endOp(op);
+      },
+      (err: unknown) => {
+        this.failed(req, kept, readBuf, err, cost);
+        this.endOp(op);
+      },
     );
   }
 
@@ -543,7 +555,7 @@ class Connection implements ServedConnection {
    * one per request. Image on ext4 in the VM, 1 MiB writes: medians 74 vs 68 MB/s (decisions.md).
    */
   private queueWrite(req: Request, payload: Buffer, cost: number): void {
-    this.queuedWrites.push({ req, payload, cost });
+    this.queuedWrites.push({ req, payload, cost, op: this.beginOp(true) });
     if (this.queuedWrites.length === 1) setImmediate(this.flushWrites);
   }
 
@@ -562,9 +574,11 @@ class Connection implements ServedConnection {
       this.exp!.backend.writev!(Number(run[0]!.req.offset), run.map((w) => w.payload)).then(
         () => {
           for (const w of run) this.succeeded(w.req, w.payload, undefined, w.cost);
+          for (const w of run) this.endOp(w.op);
         },
         (err: unknown) => {
           for (const w of run) this.failed(w.req, w.payload, undefined, err, w.cost);
+          for (const w of run) this.endOp(w.op);
         },
       );
       i = j;
@@ -591,36 +605,55 @@ class Connection implements ServedConnection {
     if (error !== 0) {
       // Shutdown began while the payload arrived: the client is told the write failed (its data may
       // or may not be there, as for any failed write, proto.md "Error values").
-      this.replyError(req, error, message, cost);
+      this.out.error(req, error, message, cost);
     } else if ((req.flags & CmdFlag.FUA) === 0) {
       // Held like a pool completion: a payload completes on nearly every socket read of a stream of
-      // large WRITEs, and one reply per socket write is what holdReplies measured as costly.
-      this.holdReplies();
-      this.replyOk(req, undefined, cost);
+      // large WRITEs, and one reply per socket write is what ReplySender.hold measured as costly.
+      this.out.hold();
+      this.out.ok(req, undefined, cost);
     } else {
+      const op = this.beginOp(false);
       b.flush().then(
-        () => this.replyOk(req, undefined, cost),
-        (err: unknown) => this.failed(req, undefined, undefined, err, cost),
+        () => {
+          this.out.ok(req, undefined, cost);
+          this.endOp(op);
+        },
+        (err: unknown) => {
+          this.failed(req, undefined, undefined, err, cost);
+          this.endOp(op);
+        },
       );
     }
+  }
+
+  /**
+   * A storage operation starts (on the pool): the connection is not over until it ends. Those that
+   * change the data (`changes`) also hold back later connections' transmission (enterTransmission);
+   * READs and FLUSHes cannot be overtaken harmfully.
+   */
+  private beginOp(changes: boolean): number {
+    this.ops++;
+    return changes ? this.activity!.begin() : -1;
+  }
+
+  private endOp(id: number): void {
+    this.ops--;
+    if (id >= 0) this.activity!.end(id);
+    this.maybeOver();
   }
 
   /** A reply has left (or cannot): the request no longer counts against the bounds. */
   private release(cost: number): void {
     this.inFlight--;
     this.inFlightBytes -= cost;
+    this.budget.give(cost);
     if (this.paused && !this.stopReading) this.pump();
     this.maybeFinish();
   }
 
-  private released(data: Buffer, cost: number): void {
-    this.pool.give(data); // the socket is done with it
-    this.release(cost);
-  }
-
   private succeeded(req: Request, payload: Buffer | undefined, data: Buffer | undefined, cost: number): void {
     if (payload) this.pool.give(payload); // the backend is done with it
-    this.replyOk(req, data, cost);
+    this.out.ok(req, data, cost);
   }
 
   private failed(req: Request, payload: Buffer | undefined, data: Buffer | undefined, err: unknown, cost: number): void {
@@ -628,7 +661,7 @@ class Connection implements ServedConnection {
     if (data) this.pool.give(data);
     const code = wireErrorOf(err);
     log('%s cookie %s failed: %s', cmdName(req.type), req.cookie, (err as Error)?.message);
-    this.replyError(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, cost);
+    this.out.error(req, code, `${cmdName(req.type)}: ${(err as Error)?.message ?? String(err)}`, cost);
   }
 
   /** Run a READ or WRITE now if the backend can without blocking; false: use `execute`. Throws on I/O errors. */
@@ -672,75 +705,6 @@ class Connection implements ServedConnection {
   }
 
   // -------------------------------------------------------------------------------------------
-  // Output
-
-  private replyOk(req: Request, data: Buffer | undefined, cost: number): void {
-    if (req.type === Cmd.READ && this.structured) {
-      // One OFFSET_DATA chunk flagged DONE: the data is fully read before the header goes out, so no
-      // error can follow it (proto.md "NBD_CMD_READ" › structured replies). Empty reads get NONE.
-      if (!data || data.length === 0) this.send([encodeNone(req.cookie)], () => this.release(cost));
-      else this.send([encodeOffsetDataHeader(req.cookie, req.offset, data.length, true), data], () => this.released(data, cost));
-      return;
-    }
-    if (req.type === Cmd.READ && data && data.length > 0) {
-      this.send([encodeSimpleReply(0, req.cookie), data], () => this.released(data, cost));
-    } else {
-      if (data) this.pool.give(data);
-      this.sendSimple(0, req.cookie, cost);
-    }
-  }
-
-  /** A simple reply header alone (transmission only): into the arena of this burst, or of this loop turn. */
-  private sendSimple(error: number, cookie: bigint, cost: number): void {
-    if (!this.batching) this.holdReplies();
-    const a = this.arenaWithRoom(SIMPLE_REPLY_LENGTH);
-    encodeSimpleReplyInto(a.buf, a.len, error, cookie);
-    a.len += SIMPLE_REPLY_LENGTH;
-    a.costs.push(cost);
-  }
-
-  private replyError(req: Request, error: number, message: string, cost: number): void {
-    // Structured clients get the message too; READ MUST NOT get a simple reply once structured.
-    if (this.structured) this.send([encodeErrorChunk(req.cookie, error, message)], () => this.release(cost));
-    else this.sendSimple(error, req.cookie, cost);
-  }
-
-  /**
-   * Replies of requests that completed outside a burst (on the pool) are held and leave together
-   * at the end of this loop turn, in one writev: completions arrive in batches under load, and
-   * each socket write also runs the peer's TCP receive path (loopback) on this thread. Measured
-   * in the VM (1 MiB sequential writes, which the kernel sends as 128 KiB requests): +45-90%,
-   * random 4 KiB reads unchanged (those replies leave with their burst, not held).
-   */
-  private holdReplies(): void {
-    if (this.holding) return;
-    this.holding = true;
-    this.socket.cork();
-    setImmediate(this.releaseHeld);
-  }
-
-  private readonly releaseHeld = (): void => {
-    this.holding = false;
-    this.flushArena();
-    this.socket.uncork();
-  };
-
-  /** Write buffers back to back (one writev); `done` runs once they have left (or cannot). */
-  private send(bufs: Buffer[], done?: () => void): void {
-    if (bufs.length === 0 || this.socket.destroyed || !this.socket.writable) {
-      if (done) queueMicrotask(done);
-      return;
-    }
-    if (!this.batching && this.phase === 'transmission') this.holdReplies(); // handshake replies go at once
-    if (bufs.length > 1) this.socket.cork();
-    for (let i = 0; i < bufs.length; i++) {
-      const last = i === bufs.length - 1;
-      this.socket.write(bufs[i]!, last ? done : undefined);
-    }
-    if (bufs.length > 1) this.socket.uncork();
-  }
-
-  // -------------------------------------------------------------------------------------------
   // Ending
 
   shutdown(): Promise<void> {
@@ -778,10 +742,18 @@ class Connection implements ServedConnection {
     this.finishing = true;
     this.phase = 'closing';
     this.stopReading = true;
-    const flush = this.shuttingDown && this.exp && !isReadOnly(this.exp) ? this.exp.backend.flush() : Promise.resolve();
-    flush
+    if (!(this.shuttingDown && this.exp && !isReadOnly(this.exp))) {
+      this.endSocket();
+      return;
+    }
+    const op = this.beginOp(false);
+    this.exp.backend
+      .flush()
       .catch((err: unknown) => log('flush on close failed: %s', (err as Error).message))
-      .finally(() => this.endSocket());
+      .finally(() => {
+        this.endSocket();
+        this.endOp(op);
+      });
   }
 
   /** Half-close our side; a peer that never closes its side is cut off after the grace period. */
@@ -796,11 +768,29 @@ class Connection implements ServedConnection {
   }
 
   private onClose(): void {
+    if (this.socketClosed) return;
+    this.socketClosed = true;
+    this.stopReading = true;
+    this.budget.forget(this.onBudget);
     if (this.graceTimer) clearTimeout(this.graceTimer);
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     const target = this.reader?.abandon(); // a payload that will not be completed
     if (target) this.exp?.backend.writeTargetDone?.(target);
-    this.phase = 'closed';
+    if (this.phase !== 'closed') this.phase = 'closing';
     this.closeReason ??= 'client closed the connection';
+    if (this.ops > 0) log('socket closed (%s); waiting for %d storage operation(s)', this.closeReason, this.ops);
+    this.maybeOver();
+  }
+
+  /**
+   * The one place that decides when a connection is over: its socket has closed and every storage
+   * operation it started has finished. Until then a write of this connection may still land, so
+   * `done` (which local attach and shutdown wait for) is not resolved.
+   */
+  private maybeOver(): void {
+    if (this.over || !this.socketClosed || this.ops > 0) return;
+    this.over = true;
+    this.phase = 'closed';
     log('connection closed: %s', this.closeReason);
     this.resolveDone();
   }

@@ -24,6 +24,10 @@ export { parseSize, formatSize } from './size.ts';
 
 const log = createDebug('nbd:server');
 
+/** Default caps on open connections (`serve --max-connections`, `--max-connections-per-address`). */
+export const DEFAULT_MAX_CONNECTIONS = 128;
+export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 32;
+
 export interface ServerOptions {
   exports: ServedExport[];
   /** TCP port; 0 picks a free one. Default 10809 (proto.md "Introduction": IANA port). */
@@ -33,6 +37,10 @@ export interface ServerOptions {
   /** Listen on a Unix socket instead of TCP. */
   unix?: string;
   connection?: ConnectionOptions;
+  /** Connections open at once (default 128); more are closed as soon as they are accepted. */
+  maxConnections?: number;
+  /** Connections open at once from one remote IP address (default 32; not applied to Unix sockets). */
+  maxConnectionsPerAddress?: number;
   /** Close the exports' backends when the server closes (default true). */
   closeBackends?: boolean;
 }
@@ -69,12 +77,31 @@ export function checkExports(exports: readonly ServedExport[]): void {
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   checkExports(opts.exports);
   const connections = new Set<ServedConnection>();
+  const maxTotal = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+  const maxPerAddress = opts.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS;
+  const perAddress = new Map<string, number>();
   // pauseOnConnect: nothing is read before the connection takes the socket over (connection.ts).
   const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => {
-    log('connection from %s', socket.remoteAddress ?? 'unix socket');
+    const from = socket.remoteAddress; // undefined for a Unix socket
+    log('connection from %s', from ?? 'unix socket');
+    // A connection counts until it is over (connection.ts), so a client cannot open more by
+    // dropping connections whose storage operations are still running.
+    const fromHere = from === undefined ? 0 : (perAddress.get(from) ?? 0);
+    if (connections.size >= maxTotal || fromHere >= maxPerAddress) {
+      log('refusing connection from %s: %s', from ?? 'unix socket', connections.size >= maxTotal ? `${maxTotal} connections open` : `${maxPerAddress} connections open from this address`);
+      socket.destroy();
+      return;
+    }
+    if (from !== undefined) perAddress.set(from, fromHere + 1);
     const conn = serveConnection(socket, opts.exports, opts.connection);
     connections.add(conn);
-    void conn.done.then(() => connections.delete(conn));
+    void conn.done.then(() => {
+      connections.delete(conn);
+      if (from === undefined) return;
+      const left = (perAddress.get(from) ?? 1) - 1;
+      if (left > 0) perAddress.set(from, left);
+      else perAddress.delete(from);
+    });
   });
 
   await new Promise<void>((resolve, reject) => {

@@ -1,12 +1,13 @@
-// When file I/O may run on the event loop instead of the libuv thread pool. Pure (clock injected).
+// When file I/O may run on the event loop instead of the libuv thread pool.
 //
 // A page-cache hit takes a few microseconds as a direct call; the same call sent to the pool costs a
 // queue hand-off, a thread wake-up and a callback (measured on the host, 4k random reads at QD16:
 // 18k IOPS through the pool, 46k inline; docs/decisions.md "Built-in server: inline file I/O"). But a
-// call that waits on the disk (a cold read, writeback throttling) would stall every connection of the
-// process. Reads avoid that with preadv2(RWF_NOWAIT) where the file system supports it; everything
-// else runs inline under this guard (files on tmpfs/ramfs need none: nothing there waits for a disk): a call that took clearly longer than copying its bytes means
-// the file system waited, and I/O then goes to the pool for a while before inline is tried again.
+// call that waits would stall every connection of the process, and the supervisor of a local attach
+// with them (no reconnect, no signal handling). So only calls that cannot wait run inline: reads with
+// preadv2(RWF_NOWAIT), which returns EAGAIN instead of waiting, and any call on a file in RAM
+// (tmpfs, ramfs: nothing there waits for a disk, and they cannot be frozen) or in memory. Plain
+// reads and writes of a disk image always go to the pool (docs/decisions.md, 2026-12-01).
 
 /**
  * Largest WRITE run inline. Bigger ones go to the pool: copying 1 MiB there runs on another CPU
@@ -15,45 +16,3 @@
  * vs inline, two runs each: writes 43/36 vs 26/32 IOPS, reads 35/19 vs 55/50 IOPS.
  */
 export const INLINE_WRITE_MAX_BYTES = 64 * 1024;
-
-/**
- * Time allowed for any inline call before it counts as having waited. Well above a scheduler time
- * slice (~3-4 ms with two runnable tasks per CPU), so being preempted mid-call does not count.
- */
-export const INLINE_SLOW_BASE_MS = 10;
-/** Extra time allowed per MiB moved (a slow, emulated CPU copies ~1 GiB/s; this is 5× slack). */
-export const INLINE_SLOW_PER_MIB_MS = 5;
-/** How long I/O stays on the pool after an inline call waited. */
-export const INLINE_BACKOFF_MS = 1000;
-
-export class InlineGuard {
-  private poolUntil = 0;
-  /** Inline calls that waited (for logs and tests). */
-  slowCalls = 0;
-
-  constructor(
-    private readonly now: () => number = () => performance.now(),
-    private readonly backoffMs = INLINE_BACKOFF_MS,
-  ) {}
-
-  /** May the next call run inline? */
-  get allowed(): boolean {
-    return this.poolUntil === 0 || this.now() >= this.poolUntil;
-  }
-
-  /** Run `fn` inline, timing it; a call slower than its budget for `bytes` moves I/O to the pool. */
-  run<T>(bytes: number, fn: () => T): T {
-    const t0 = this.now();
-    try {
-      return fn();
-    } finally {
-      const elapsed = this.now() - t0;
-      if (elapsed > INLINE_SLOW_BASE_MS + (bytes / (1024 * 1024)) * INLINE_SLOW_PER_MIB_MS) {
-        this.slowCalls++;
-        this.poolUntil = this.now() + this.backoffMs;
-      } else if (this.poolUntil !== 0 && this.now() >= this.poolUntil) {
-        this.poolUntil = 0;
-      }
-    }
-  }
-}

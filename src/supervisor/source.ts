@@ -84,6 +84,17 @@ export async function localSource(opts: LocalSourceOptions): Promise<ConnectionS
     await exp.backend.close();
     throw new NbdError('NBD_E_USAGE', `${server}: the image is empty; give it a size first (e.g. truncate -s 1G ${opts.file ?? 'IMAGE'})`);
   }
+  return servedSource(exp, server);
+}
+
+/**
+ * Serve `exp` on a socketpair per connection. A connection the kernel dropped may still have
+ * writes running in the storage; `connect()` resolves only once they have finished, because the
+ * server answers a new connection's negotiation only after every write started before it on the
+ * export (src/server/activity.ts). The kernel's resent requests can then not be overtaken. `close()`
+ * waits for every connection to be over (writes included) before flushing and closing the export.
+ */
+export function servedSource(exp: ServedExport, server: string): ConnectionSource {
   const served = new Set<ServedConnection>();
   let closed: Promise<void> | undefined;
   return {

@@ -16,6 +16,7 @@ import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
+import { PayloadBudget } from '../../src/server/budget.ts';
 import { loadTlsContext } from '../../src/commands/serve.ts';
 import { makePki } from '../lib/servers.ts';
 
@@ -823,5 +824,127 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     assert.equal(back.toString(), 'wxyz'.repeat(8));
     wire.push(null);
     await served.done;
+  });
+
+  it('a connection dropped with a WRITE running is over only when it lands; a new connection starts after it (resent write not overtaken)', { timeout: TIMEOUT }, async () => {
+    // What the kernel does on its request timeout: it gives up on connection A while A's WRITE still
+    // runs in the storage, and resends the WRITE on a new connection B.
+    const g = new GatedBackend(1 << 20);
+    const srv = await serve({ exports: [makeExport(g, 'g')] });
+    const a = await RawClient.open(srv, 'g');
+    const servedA = [...srv.connections][0]!;
+    a.c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(4096, 0xaa));
+    await g.whenPending(1);
+    a.c.socket.destroy();
+    await a.c.closedP;
+    let aOver = false;
+    void servedA.done.then(() => (aOver = true));
+    let bReady = false;
+    const bOpen = RawClient.open(srv, 'g').then((b) => ((bReady = true), b));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(aOver, false, "A is not over while its WRITE runs");
+    assert.notEqual(servedA.phase, 'closed');
+    assert.equal(bReady, false, "B does not reach transmission while A's WRITE runs");
+    assert.equal(srv.connections.size, 2, 'A still counts as open');
+    g.release(0); // A's stale write lands now
+    await servedA.done;
+    const b = await bOpen;
+    b.c.send({ type: Cmd.WRITE, cookie: 2n, offset: 0n }, Buffer.alloc(4096, 0xbb));
+    await g.whenPending(1);
+    g.release(0);
+    assert.deepEqual(await b.c.reply(), { cookie: 2n, error: 0 });
+    const back = Buffer.alloc(4096);
+    await g.inner.read(0, back);
+    assert.deepEqual(back, Buffer.alloc(4096, 0xbb), "the resent write is the last to land");
+    await b.c.close();
+  });
+
+  it('a server shutdown waits for WRITEs of connections already dropped before flushing and closing the backend', { timeout: TIMEOUT }, async () => {
+    const g = new GatedBackend(1 << 20);
+    let closedBackend = false;
+    g.close = async () => {
+      closedBackend = true;
+    };
+    const srv = await startServer({ port: 0, exports: [makeExport(g, 'g')], connection: conn });
+    const { c } = await RawClient.open(srv, 'g');
+    c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(512, 7));
+    await g.whenPending(1);
+    c.socket.destroy();
+    await c.closedP;
+    const closing = srv.close();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(closedBackend, false, 'backend not closed under a pending write');
+    g.release(0);
+    await closing;
+    assert.equal(closedBackend, true);
+    const back = Buffer.alloc(512);
+    await g.inner.read(0, back);
+    assert.deepEqual(back, Buffer.alloc(512, 7));
+  });
+
+  it('a client that never finishes its handshake is closed after the handshake timeout', { timeout: TIMEOUT }, async () => {
+    const srv = await serve({ exports: [memoryExport(1 << 16, { name: 'm' })], connection: { handshakeTimeoutMs: 300 } });
+    const t0 = Date.now();
+    const idle = await RawClient.connect({ port: srv.port! });
+    await idle.read(18); // the greeting; then nothing (no client flags)
+    const half = await RawClient.connect({ port: srv.port! });
+    await half.read(18);
+    half.socket.write(Buffer.from('00000003', 'hex')); // flags, then no option
+    await Promise.all([idle.closedP, half.closedP]);
+    const took = Date.now() - t0;
+    assert.ok(took >= 250 && took < 3000, `closed after ${took} ms`);
+    // A client that negotiates in time keeps its connection past the deadline.
+    const { c } = await RawClient.open(srv, 'm');
+    await new Promise((r) => setTimeout(r, 500));
+    c.send({ type: Cmd.READ, cookie: 1n, length: 16 });
+    assert.deepEqual(await c.reply(new Map([[1n, 16]])), { cookie: 1n, error: 0, data: Buffer.alloc(16) });
+    await c.close();
+  });
+
+  it('one payload budget for all connections: framing stops over it, and unread replies give their bytes back when the client goes', { timeout: TIMEOUT }, async () => {
+    const budget = new PayloadBudget(4 << 20);
+    const srv = await serve({ exports: [memoryExport(64 << 20, { name: 'm' })], connection: { budget } });
+    const clients = [await RawClient.open(srv, 'm'), await RawClient.open(srv, 'm')];
+    for (const { c } of clients) {
+      c.socket.pause(); // never reads a reply
+      for (let i = 0; i < 32; i++) c.send({ type: Cmd.READ, cookie: BigInt(i), offset: BigInt(i << 20), length: 1 << 20 });
+    }
+    let peak = 0;
+    for (let i = 0; i < 40; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      peak = Math.max(peak, budget.held);
+    }
+    assert.ok(peak > 0, 'requests were taken');
+    // 4 MiB for the process, plus at most one 1 MiB request for a connection with nothing in flight.
+    assert.ok(peak <= 6 << 20, `held ${peak} bytes`);
+    for (const { c } of clients) c.socket.destroy();
+    for (let i = 0; i < 200 && srv.connections.size > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(srv.connections.size, 0);
+    assert.equal(budget.held, 0, 'every reply that will never be read gave its bytes back');
+  });
+
+  it('caps connections in total and per address; a closed one frees its place', { timeout: TIMEOUT }, async () => {
+    const srv = await serve({ exports: [memoryExport(1 << 16, { name: 'm' })], maxConnections: 3, maxConnectionsPerAddress: 2 });
+    const first = await RawClient.open(srv, 'm');
+    const second = await RawClient.open(srv, 'm');
+    // A third from 127.0.0.1 is closed without a greeting.
+    const third = await RawClient.connect({ port: srv.port! });
+    await third.closedP;
+    // Another loopback address is another client: allowed up to the total.
+    const other = net.connect({ port: srv.port!, host: '127.0.0.1', localAddress: '127.0.0.2' });
+    const greeting = await new Promise<Buffer>((resolve, reject) => {
+      other.once('data', resolve);
+      other.once('error', reject);
+    });
+    assert.equal(greeting.subarray(0, 8).toString(), 'NBDMAGIC');
+    const fourth = net.connect({ port: srv.port!, host: '127.0.0.1', localAddress: '127.0.0.3' });
+    fourth.on('error', () => undefined);
+    await new Promise((resolve) => fourth.once('close', resolve)); // over the total of 3
+    other.destroy();
+    await first.c.close();
+    for (let i = 0; i < 100 && srv.connections.size > 1; i++) await new Promise((r) => setTimeout(r, 10));
+    const again = await RawClient.open(srv, 'm');
+    await again.c.close();
+    await second.c.close();
   });
 });

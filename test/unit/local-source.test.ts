@@ -7,7 +7,9 @@ import { readFileSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type net from 'node:net';
-import { localSource } from '../../src/supervisor/source.ts';
+import { localSource, servedSource } from '../../src/supervisor/source.ts';
+import { MemoryBackend } from '../../src/server/backends.ts';
+import { makeExport, type Backend } from '../../src/server/index.ts';
 import { encodeRequest, decodeSimpleReply } from '../../src/protocol/codec.ts';
 import { Cmd, TransmissionFlag, WireErr } from '../../src/protocol/constants.ts';
 
@@ -99,5 +101,50 @@ test('local sources refuse what cannot work, with a line that says what to do', 
     await assert.rejects(localSource({ file: join(dir, 'empty.img'), readOnly: false }), /the image is empty; give it a size first/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a dropped connection\'s running WRITE lands before the next connection is handed out (the resent WRITE is last)', async () => {
+  // Test double: a memory export whose pool writes wait until the test lets them finish.
+  const inner = new MemoryBackend(1 << 20);
+  const stalled: (() => void)[] = [];
+  const backend: Backend = {
+    size: inner.size,
+    readOnly: false,
+    canMultiConn: true,
+    description: 'memory with stalled writes',
+    read: (o, b) => inner.read(o, b),
+    write: async (o, d, fua) => {
+      await new Promise<void>((resolve) => stalled.push(resolve));
+      await inner.write(o, d, fua);
+    },
+    writeZeroes: (o, l, f) => inner.writeZeroes(o, l, f),
+    trim: (o, l, f) => inner.trim(o, l, f),
+    flush: () => inner.flush(),
+    close: () => inner.close(),
+  };
+  const src = servedSource(makeExport(backend, ''), 'local test');
+  try {
+    const a = await src.connect(5000);
+    a.socket.write(Buffer.concat([encodeRequest({ flags: 0, type: Cmd.WRITE, cookie: 1n, offset: 0n, length: 4096 }), Buffer.alloc(4096, 0xaa)]));
+    for (let i = 0; i < 200 && stalled.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+    assert.equal(stalled.length as number, 1, "A's write is running");
+    a.socket.destroy(); // the kernel gives up on A (request timeout)
+    let handedOut = false;
+    const next = src.connect(5000).then((c) => ((handedOut = true), c));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(handedOut, false, "no new connection while A's write runs");
+    stalled.shift()!();
+    const b = await next;
+    const resent = roundTrip(b.socket, Buffer.concat([encodeRequest({ flags: 0, type: Cmd.WRITE, cookie: 2n, offset: 0n, length: 4096 }), Buffer.alloc(4096, 0xbb)]));
+    for (let i = 0; i < 200 && stalled.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+    stalled.shift()!();
+    assert.equal((await resent).error, 0);
+    const back = Buffer.alloc(4096);
+    await inner.read(0, back);
+    assert.deepEqual(back, Buffer.alloc(4096, 0xbb));
+    b.socket.destroy();
+  } finally {
+    await src.close();
   }
 });

@@ -1,0 +1,43 @@
+// The socket edge of a server connection: how an accepted socket is taken over so that reads land in
+// buffers we choose, and what a STARTTLS socket says about the client's certificate. Sockets only;
+// no protocol.
+
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import type tls from 'node:tls';
+
+export type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void };
+type HandleSocket = net.Socket & { _handle?: { useUserBuffer?: unknown } | null };
+
+/**
+ * Re-wrap an accepted TCP/Unix socket's handle in a net.Socket that reads into buffers we choose
+ * (Node's documented `onread` option, which accepted sockets cannot request). Node otherwise
+ * allocates a fresh 64 KiB buffer per read; on hosts with costly page faults that churn dominated
+ * large WRITEs. Returns undefined (caller keeps the 'data' path) when the socket is not a fresh
+ * net.Socket with a handle.
+ */
+export function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket | undefined {
+  if (!(sock instanceof net.Socket)) return undefined;
+  const old = sock as HandleSocket;
+  const handle = old._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function' || old.readableLength > 0 || old.connecting || old.destroyed) {
+    return undefined;
+  }
+  old._handle = null; // the old wrapper lets go of the handle; destroying it then closes nothing
+  old.destroy();
+  return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
+}
+
+/**
+ * Why the client's certificate does not verify against the server's CA, or undefined if it does.
+ * Only tls.Server checks this itself (and fills `authorized`); a TLSSocket wrapped around an
+ * existing socket, as STARTTLS needs, asks its handle like tls.Server does (Node's _tls_wrap.js
+ * onServerSocketSecure). Fails closed if that handle method is not there.
+ */
+export function peerVerificationError(secure: tls.TLSSocket): string | undefined {
+  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
+  if (typeof handle?.verifyError !== 'function') return 'cannot check it in this Node.js version';
+  if (Object.keys(secure.getPeerCertificate()).length === 0) return 'none presented';
+  const err = handle.verifyError();
+  return err ? ((err as Error & { code?: string }).code ?? err.message) : undefined;
+}
