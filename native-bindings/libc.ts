@@ -39,6 +39,7 @@ interface Bindings {
   close: Fn;
   dup: Fn;
   flock: Fn;
+  poll: Fn;
   ioctl: Fn;
   ioctlAsync: Fn;
   preadv2: Fn;
@@ -86,6 +87,7 @@ function lib(): Bindings {
     close: f('int close(int fd)'),
     dup: f('int dup(int fd)'),
     flock: f('int flock(int fd, int operation)'),
+    poll: f('int poll(void *fds, unsigned long nfds, int timeout)'),
     ioctl,
     ioctlAsync: (ioctl as unknown as { async: Fn }).async,
     preadv2: libc.func('intptr_t preadv2(int fd, const nbd_attach_iovec *iov, int iovcnt, int64_t offset, int flags)') as unknown as Fn,
@@ -163,6 +165,25 @@ export function close(fd: number): void {
 }
 export function dup(fd: number): number {
   return check(lib().dup(fd), 'dup');
+}
+
+// poll.h (include/uapi/asm-generic/poll.h): POLLERR 0x8, POLLHUP 0x10, POLLNVAL 0x20, POLLRDHUP 0x2000.
+const POLLERR = 0x8;
+const POLLHUP = 0x10;
+const POLLNVAL = 0x20;
+const POLLRDHUP = 0x2000;
+/**
+ * Whether a socket has ended, asked without reading from it: poll(2) with no wait for POLLRDHUP
+ * (the peer shut down its side), POLLHUP (both directions shut down, e.g. by the nbd driver when
+ * it marks a link dead: kernel_sock_shutdown(SHUT_RDWR)) or POLLERR. Data waiting to be read does
+ * not count: a live connection of the kernel's may well have some.
+ */
+export function socketEnded(fd: number): boolean {
+  const pfd = Buffer.alloc(8); // struct pollfd { int fd; short events; short revents; }
+  pfd.writeInt32LE(fd, 0);
+  pfd.writeInt16LE(POLLRDHUP, 4);
+  check(lib().poll(pfd, 1, 0), 'poll');
+  return (pfd.readUInt16LE(6) & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) !== 0;
 }
 
 // sys/file.h (include/uapi/asm-generic/fcntl.h): LOCK_EX 2, LOCK_NB 4.
