@@ -16,6 +16,8 @@ export function lockFile(index: number): string {
 
 export interface DeviceLock {
   readonly file: string;
+  /** The locked open file: passed on to a supervisor started beside the command, the lock goes with it. */
+  readonly fd: number;
   /** Release early (tests; a supervisor simply exits). */
   release(): void;
 }
@@ -61,6 +63,7 @@ export function lockDevice(index: number, device: string, op: string): DeviceLoc
   let released = false;
   return {
     file,
+    fd,
     release() {
       if (released) return;
       released = true;
@@ -71,3 +74,20 @@ export function lockDevice(index: number, device: string, op: string): DeviceLoc
 
 export type { ProcessIdentity };
 
+
+/**
+ * The lock inherited from the command that attached the device (src/supervisor/handoff.ts): the
+ * same open file, so flock() on it succeeds at once; anything else means it is not ours.
+ */
+export function inheritedLock(fd: number, index: number, device: string): DeviceLock {
+  let ok = false;
+  try {
+    ok = fs.fstatSync(fd).ino === fs.statSync(lockFile(index)).ino && libc.tryLockExclusive(fd);
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new NbdError('NBD_E_DEVICE_SUPERVISED', `supervise: the lock of ${device} handed over by the attach command is not held: another supervisor may run`);
+  fs.ftruncateSync(fd, 0);
+  fs.writeSync(fd, `${process.pid} ${processIdentity(process.pid)?.start ?? ''}\n`, 0);
+  return { file: lockFile(index), fd, release: () => fs.closeSync(fd) };
+}

@@ -70,7 +70,7 @@ interface LiveCandidate extends Candidate {
 }
 
 /** True when a directory with st_dev `dev` lives on nbd`index` (or one of its partitions). */
-function onDevice(index: number): (dev: bigint) => boolean {
+export function onDevice(index: number): (dev: bigint) => boolean {
   const shift = partShift(moduleInfo().maxPart ?? 0);
   return (dev) => devMajor(dev) === NBD_MAJOR && indexFromMinor(devMinor(dev), shift).index === index;
 }
@@ -80,14 +80,14 @@ function onDevice(index: number): (dev: bigint) => boolean {
  * stderr): stderr. Otherwise nbdN.log under /var/log/nbd-attach/, or /run/nbd-attach/ when that is
  * read-only or lives on the supervised device itself.
  */
-export function openResidentLog(index: number, mode: 'foreground' | 'background'): { sink: LogSink; where: string; file?: string } {
+export function openResidentLog(index: number, mode: 'foreground' | 'background', given?: { fd: number; file: string }): { sink: LogSink; where: string; file?: string } {
   const tag = `nbd${index}`;
-  const toStderr = mode === 'foreground' || process.env['JOURNAL_STREAM'] !== undefined;
+  const toStderr = mode === 'foreground' || (given === undefined && process.env['JOURNAL_STREAM'] !== undefined);
   if (toStderr) {
     const prefix = mode === 'foreground' ? `nbd-attach: ${tag}: ` : `${tag}[${process.pid}]: `;
     return { sink: createLogSink({ fd: 2 }, (m) => `${prefix}${m}`), where: 'logging to stderr' };
   }
-  const { fd, file } = openLogFile(index, [logDir(), runDir()], onDevice(index));
+  const { fd, file } = given ?? openLogFile(index, [logDir(), runDir()], onDevice(index));
   const sink = createLogSink({ fd, file }, (m) => `${new Date().toISOString()} ${tag}[${process.pid}]: ${m}`);
   // debug() and stray warnings go to the log too, bounded like the rest.
   process.stderr.write = ((chunk: string | Uint8Array): boolean => {
@@ -107,11 +107,18 @@ export interface ResidentHow {
    * the kernel (drivers/block/nbd.c nbd_reconnect_socket: -ENOSPC, reported as success).
    */
   replaceAll?: 'adopted' | 'tls';
+  /**
+   * Duplicates of the sockets the attach command gave the kernel (src/supervisor/handoff.ts): once
+   * subscribed to LINK_DEAD, each that has ended gets a replacement; then they are closed.
+   */
+  keptFds?: readonly number[];
+  /** The log file the attach command opened (and named in its ready line). */
+  log?: { fd: number; file: string };
   notifier?: ServiceNotifier;
 }
 
 export async function supervise(base: SupervisorState, ops: KernelOps, how: ResidentHow, rep: Reporter, mode: 'foreground' | 'background', summary: string): Promise<number> {
-  const { sink, where, file } = openResidentLog(base.index, mode);
+  const { sink, where, file } = openResidentLog(base.index, mode, how.log);
   const log = (m: string): void => sink.write(m);
   // Created here, in the process systemd knows as the main one (-n); it takes $NOTIFY_SOCKET out of
   // the environment so nothing this process starts can speak for the unit.
@@ -183,6 +190,19 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
   if (how.replaceAll === 'tls') log(`TLS: the previous supervisor relayed this device's connections, so they ended with it: replacing all ${base.connections}`);
   if (how.replaceAll === 'adopted') log(`adopting: offering the kernel ${base.connections} fresh connection(s); dead links take them, live ones let them go`);
   if (how.replaceAll) for (let i = 0; i < base.connections; i++) sup.onLinkDead(base.index);
+  if (how.keptFds) {
+    // Subscribed now: a link that died before (its LINK_DEAD unheard) shows as an ended socket.
+    const ended = how.keptFds.filter((fd) => libc.socketEnded(fd)).length;
+    if (ended > 0) log(`${ended} connection(s) ended before this supervisor listened: replacing them`);
+    for (let i = 0; i < ended; i++) sup.onLinkDead(base.index);
+    for (const fd of how.keptFds) {
+      try {
+        libc.close(fd);
+      } catch {
+        /* already closed */
+      }
+    }
+  }
   const onSignal = (sig: NodeJS.Signals): void => void sup.terminate(sig);
   for (const s of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(s, onSignal);
   log(`${summary}; supervising (pid ${process.pid}, dead timeout ${base.deadTimeoutS} s, request timeout ${base.requestTimeoutS} s)`);
