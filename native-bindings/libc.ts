@@ -38,6 +38,7 @@ interface Bindings {
   recv: Fn;
   close: Fn;
   dup: Fn;
+  shutdown: Fn;
   ioctl: Fn;
   ioctlAsync: Fn;
   preadv2: Fn;
@@ -84,6 +85,7 @@ function lib(): Bindings {
     recv: f('intptr_t recv(int fd, _Out_ void *buf, size_t len, int flags)'),
     close: f('int close(int fd)'),
     dup: f('int dup(int fd)'),
+    shutdown: f('int shutdown(int fd, int how)'),
     ioctl,
     ioctlAsync: (ioctl as unknown as { async: Fn }).async,
     preadv2: libc.func('intptr_t preadv2(int fd, const nbd_attach_iovec *iov, int iovcnt, int64_t offset, int flags)') as unknown as Fn,
@@ -161,6 +163,12 @@ export function close(fd: number): void {
 }
 export function dup(fd: number): number {
   return check(lib().dup(fd), 'dup');
+}
+/** include/linux/net.h: SHUT_RDWR = 2. */
+export const SHUT_RDWR = 2;
+/** shutdown(2): ends the connection for every holder of the socket (the kernel's reference too). */
+export function shutdown(fd: number, how: number = SHUT_RDWR): void {
+  check(lib().shutdown(fd, how), 'shutdown');
 }
 
 /** ioctl with an integer (or no) argument. `name` is used in error messages: "ioctl(NBD_SET_SOCK)". */

@@ -24,6 +24,8 @@ import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, RECONNECT_ATTEMPT_TI
 import type { Candidate } from './reconnector.ts';
 import { type SupervisorState, openLog, pidAlive, readState, removeState, writeState } from './state.ts';
 import { Supervisor } from './supervisor.ts';
+import { reconnectLimits } from '../kernel/queue-limits.ts';
+import { KeptSockets, watchKmsg } from './shutdown-watch.ts';
 
 const debug = createDebug('nbd:supervisor');
 
@@ -221,6 +223,7 @@ class EarlySubscription implements KernelOps {
 
 interface LiveCandidate extends Candidate {
   conn: Connection;
+  blockSizes: Connection['info']['blockSize'];
 }
 
 function sameServer(s: SupervisorState, target: Target, exportName: string): boolean {
@@ -349,6 +352,7 @@ async function attachFrom(
       useIoctl: false,
       deadConnTimeout: deadTimeoutS,
       notice: rep.note,
+      keepFds: true,
     });
   } catch (e) {
     ops.close();
@@ -392,7 +396,7 @@ async function attachFrom(
     startedAt: new Date().toISOString(),
     updatedAt: new Date().toISOString(),
   };
-  return supervise(base, ops, { source, reconnectTimeout }, rep, mode, `${summary}, connections ${connections}`);
+  return supervise(base, ops, { source, reconnectTimeout, ...(r.keptFds ? { keptFds: r.keptFds } : {}) }, rep, mode, `${summary}, connections ${connections}`);
 }
 
 function parseDeviceNameOrNode(device: string): boolean {
@@ -485,7 +489,7 @@ async function adopt(
 async function supervise(
   base: SupervisorState,
   ops: KernelOps,
-  how: { source: ConnectionSource; reconnectTimeout: number; replaceAll?: boolean },
+  how: { source: ConnectionSource; reconnectTimeout: number; replaceAll?: boolean; keptFds?: number[] },
   rep: Reporter,
   mode: 'foreground' | 'background',
   summary: string,
@@ -531,6 +535,8 @@ async function supervise(
       size: BigInt(base.sizeBytes),
       flags: base.flags,
       deadTimeoutS: base.deadTimeoutS,
+      blockSize: base.blockSize,
+      ...(how.keptFds ? { keptFds: how.keptFds } : {}),
     },
     {
       kernel: ops,
@@ -539,7 +545,7 @@ async function supervise(
       random: Math.random,
       negotiate: async () => {
         const c = await how.source.connect(how.reconnectTimeout);
-        return { size: c.info.size, flags: c.info.flags, conn: c, discard: () => c.socket.destroy() };
+        return { size: c.info.size, flags: c.info.flags, blockSizes: c.info.blockSize, conn: c, discard: () => c.socket.destroy() };
       },
       takeFd: (c) => takeSocketFd(c.conn.socket),
       closeFd: (fd) => {
@@ -561,6 +567,9 @@ async function supervise(
         const t = setInterval(fn, ms);
         return () => clearInterval(t);
       },
+      applyLimits: reconnectLimits(),
+      sockets: new KeptSockets(),
+      watchKernelLog: (onRecord, l) => watchKmsg(onRecord, l),
     },
   );
   await sup.start();
