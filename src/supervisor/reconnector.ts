@@ -11,7 +11,7 @@
 // end) or is no longer a whole number of the device's blocks; growth is applied and logged.
 
 import { NbdError } from '../errors.ts';
-import { type Backoff, DEFAULT_BACKOFF, backoffDelay, flagsProblem } from './policy.ts';
+import { type Backoff, DEFAULT_BACKOFF, RESTART_BACKOFF, backoffDelay, flagsProblem } from './policy.ts';
 
 /** A negotiated replacement connection, not yet given to the kernel. */
 export interface Candidate {
@@ -78,6 +78,8 @@ export class Reconnector<C extends Candidate = Candidate> {
   private gaveUpError: NbdError | undefined;
   private running: Promise<void> | undefined;
   private readonly backoff: Backoff;
+  /** Until then (deps.now()), retry on RESTART_BACKOFF: a restarted server is expected. */
+  private hurryUntil = -Infinity;
 
   constructor(
     private readonly deps: ReconnectorDeps<C>,
@@ -111,6 +113,11 @@ export class Reconnector<C extends Candidate = Candidate> {
     this.running ??= this.loop().finally(() => {
       this.running = undefined;
     });
+  }
+
+  /** The server said it is going away and a new one is expected: retry quickly for `forMs`. */
+  hurry(forMs: number): void {
+    this.hurryUntil = this.deps.now() + forMs;
   }
 
   /** Stop retrying (SIGTERM, device gone). Resolves once the loop has noticed. */
@@ -170,7 +177,7 @@ export class Reconnector<C extends Candidate = Candidate> {
           this.deps.gaveUp?.(this.gaveUpError);
           break;
         }
-        const delay = backoffDelay(failures, this.deps.random(), this.backoff);
+        const delay = backoffDelay(failures, this.deps.random(), this.deps.now() < this.hurryUntil ? RESTART_BACKOFF : this.backoff);
         failures++;
         this.deps.log(`reconnect attempt ${this.attempts} failed: ${err.message}; next try in ${delay} ms`);
         this.deps.changed?.();

@@ -186,3 +186,75 @@ export class KeptSockets {
     }
   }
 }
+
+/** Fields of /sys/block/nbdN/stat that move with any request (Documentation/block/stat.rst): read,
+ *  write, discard and flush I/Os completed, and requests in flight. */
+const STAT_FIELDS = [0, 4, 8, 11, 15];
+
+/** The activity counters of a device's stat line; equal strings mean no request in between. */
+export function activityKey(statLine: string): { key: string; inFlight: number } {
+  const f = statLine.trim().split(/\s+/);
+  return { key: STAT_FIELDS.map((i) => f[i] ?? '').join(' '), inFlight: Number(f[8] ?? 0) };
+}
+
+export interface IdleProbeDeps {
+  /** /sys/block/nbdN/stat, or undefined when gone. */
+  readStat(): string | undefined;
+  /** One direct read of the first block through the kernel (O_DIRECT: past the page cache). */
+  probe(): Promise<void>;
+  /** False while a connection is being replaced (a probe would wait for the reconnect). */
+  linksUp(): boolean;
+  every(ms: number, fn: () => void): () => void;
+}
+
+/**
+ * An idle device sends nothing, so a server waiting for its clients to leave (nbdkit after SIGTERM)
+ * would never answer NBD_ESHUTDOWN and never leave: each interval with no request at all, send one
+ * small read. Its reply, if the server is shutting down, is logged by the kernel like any other and
+ * seen by the kernel-log watch. A device in use is never probed (its own requests get the reply).
+ */
+export function startIdleProbe(intervalMs: number, deps: IdleProbeDeps): { close(): void } {
+  let last: string | undefined;
+  let busy = false;
+  const cancel = deps.every(intervalMs, () => {
+    if (busy) return;
+    const stat = deps.readStat();
+    if (stat === undefined) return;
+    const a = activityKey(stat);
+    const idle = a.key === last && a.inFlight === 0;
+    last = a.key;
+    if (!idle || !deps.linksUp()) return;
+    busy = true;
+    deps
+      .probe()
+      .catch((e: Error) => debug('idle probe: %s', e.message))
+      .finally(() => {
+        busy = false;
+        last = deps.readStat() === undefined ? last : activityKey(deps.readStat()!).key;
+      });
+  });
+  return { close: cancel };
+}
+
+/** The real probe: an O_DIRECT read of `blockSize` bytes at 0 into page-aligned memory. */
+export function directReadProbe(devicePath: string, blockSizeNow: () => number): () => Promise<void> {
+  let mem: libc.Mapping | undefined;
+  return async () => {
+    const blockSize = blockSizeNow();
+    if (!mem || mem.length < blockSize) {
+      // O_DIRECT needs a buffer aligned to the logical block size (≤ PAGE_SIZE): a page of /dev/zero.
+      const z = fs.openSync('/dev/zero', fs.constants.O_RDWR);
+      try {
+        mem = libc.mapShared(z, 0, Math.max(blockSize, libc.getpagesize()));
+      } finally {
+        fs.closeSync(z);
+      }
+    }
+    const fh = await fs.promises.open(devicePath, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+    try {
+      await fh.read(mem.buf, 0, blockSize, 0);
+    } finally {
+      await fh.close();
+    }
+  };
+}

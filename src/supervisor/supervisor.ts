@@ -7,7 +7,7 @@ import { NbdError } from '../errors.ts';
 import type { BlockSizes } from '../protocol/codec.ts';
 import type { KernelOps } from './kernel-ops.ts';
 import { type Candidate, Reconnector } from './reconnector.ts';
-import type { Backoff } from './policy.ts';
+import { type Backoff, RESTART_WINDOW_MS } from './policy.ts';
 import { type KeptSockets, type KmsgWatch, isShutdownReply, parseServerError } from './shutdown-watch.ts';
 
 export interface SupervisorConfig {
@@ -50,6 +50,11 @@ export interface SupervisorDeps<C extends Candidate> {
   applyLimits?(index: number, c: { blockSizes?: BlockSizes | undefined; flags: number }, discard: boolean): string | undefined;
   /** Keep duplicates of the kernel's sockets, to end them when the server asks us to leave. */
   sockets?: KeptSockets;
+  /**
+   * Probe an idle device now and then (src/supervisor/shutdown-watch.ts startIdleProbe), so a server
+   * waiting for its clients to leave answers NBD_ESHUTDOWN; `linksUp` says when a probe cannot stall.
+   */
+  startIdleProbe?(linksUp: () => boolean): { close(): void };
   /** Follow the kernel log (each record to `onRecord`); undefined when it cannot be read. */
   watchKernelLog?(onRecord: (record: string) => void, log: (m: string) => void): KmsgWatch | undefined;
 }
@@ -68,6 +73,7 @@ export class Supervisor<C extends Candidate> {
   private ending = false;
   private cancelWatch: (() => void) | undefined;
   private kmsg: KmsgWatch | undefined;
+  private idleProbe: { close(): void } | undefined;
   private resolveEnd!: (e: SupervisorEnd) => void;
   /** Settles once, when the supervisor is finished; `code` is the process exit code. */
   readonly ended: Promise<SupervisorEnd>;
@@ -130,6 +136,7 @@ export class Supervisor<C extends Candidate> {
     }
     await this.deps.kernel.subscribe((index) => this.onLinkDead(index));
     if (this.deps.sockets) this.kmsg = this.deps.watchKernelLog?.((r) => this.onKernelRecord(r), this.deps.log);
+    if (this.kmsg) this.idleProbe = this.deps.startIdleProbe?.(() => !this.ending && this.reconnector.pending === 0);
     this.cancelWatch = this.deps.every(this.cfg.watchIntervalMs ?? 500, () => this.checkDevice());
     this.save();
   }
@@ -149,7 +156,9 @@ export class Supervisor<C extends Candidate> {
     if (this.ending || !this.deps.sockets) return;
     if (!isShutdownReply(parseServerError(record), this.cfg.index)) return;
     const n = this.deps.sockets.dropAll();
-    if (n > 0) this.deps.log(`the server is shutting down (it answered NBD_ESHUTDOWN): ending ${n} connection(s) to reconnect`);
+    if (n === 0) return;
+    this.reconnector.hurry(RESTART_WINDOW_MS);
+    this.deps.log(`the server is shutting down (it answered NBD_ESHUTDOWN): ending ${n} connection(s) to reconnect`);
   }
 
   /** Periodic: the device was detached (nbd-attach -d, another tool) or re-used by someone else. */
@@ -186,6 +195,7 @@ export class Supervisor<C extends Candidate> {
     this.ending = true;
     this.cancelWatch?.();
     this.kmsg?.close();
+    this.idleProbe?.close();
     this.deps.sockets?.closeAll();
     void this.reconnector.stop();
     this.deps.kernel.close();

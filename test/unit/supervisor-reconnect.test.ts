@@ -6,9 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdError } from '../../src/errors.ts';
 import { TransmissionFlag } from '../../src/protocol/constants.ts';
-import { DEFAULT_BACKOFF, backoffDelay, flagsProblem } from '../../src/supervisor/policy.ts';
+import { DEFAULT_BACKOFF, RESTART_BACKOFF, backoffDelay, flagsProblem } from '../../src/supervisor/policy.ts';
 import { type Candidate, Reconnector, sizeProblem } from '../../src/supervisor/reconnector.ts';
-import { KeptSockets, isShutdownReply, parseServerError } from '../../src/supervisor/shutdown-watch.ts';
+import { KeptSockets, activityKey, isShutdownReply, parseServerError, startIdleProbe } from '../../src/supervisor/shutdown-watch.ts';
 import { Supervisor } from '../../src/supervisor/supervisor.ts';
 import type { KernelOps } from '../../src/supervisor/kernel-ops.ts';
 
@@ -488,4 +488,67 @@ test('kernel log records: only "Other side returned error" lines of nbd devices 
   assert.equal(parseServerError('3,1,2,-;block xnbd0: Other side returned error (108)'), undefined);
   assert.equal(isShutdownReply(parseServerError('3,1,2,-;block nbd0: Other side returned error (108)'), 0), true);
   assert.equal(isShutdownReply(parseServerError('3,1,2,-;block nbd0: Other side returned error (108)'), 1), false);
+});
+
+test('hurry (a restarted server is expected): retries at most every 200 ms within the window, then the normal cap', async () => {
+  const w = new World();
+  w.rand = 0.999999;
+  w.script = Array.from({ length: 60 }, refused);
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.hurry(5_000);
+  r.linkDead();
+  await r.idle();
+  const start = 1_000_000;
+  let t = start;
+  for (const s of w.sleeps) {
+    if (t + 5 < start + 5_000) assert.ok(s <= RESTART_BACKOFF.maxMs, `sleep ${s} inside the window`);
+    t += s + 5;
+  }
+  assert.ok(w.sleeps.some((s) => s > RESTART_BACKOFF.maxMs), 'after the window the normal backoff applies');
+});
+
+test('idle probe: only after an interval without any request, never while a link is being replaced, one at a time', async () => {
+  let stat = '10 0 80 5 20 0 160 7 0 12 12 0 0 0 0 0 0';
+  let tick: (() => void) | undefined;
+  let up = true;
+  let probes = 0;
+  let release: (() => void) | undefined;
+  const p = startIdleProbe(2000, {
+    readStat: () => stat,
+    probe: () => {
+      probes++;
+      return new Promise<void>((r) => (release = r));
+    },
+    linksUp: () => up,
+    every: (_ms, fn) => {
+      tick = fn;
+      return () => (tick = undefined);
+    },
+  });
+  tick!(); // first look: nothing to compare with
+  assert.equal(probes, 0);
+  stat = '11 0 88 5 20 0 160 7 0 12 12 0 0 0 0 0 0'; // a read completed: busy
+  tick!();
+  assert.equal(probes, 0);
+  up = false;
+  tick!(); // idle, but a connection is being replaced
+  assert.equal(probes, 0);
+  up = true;
+  tick!();
+  assert.equal(probes, 1);
+  tick!(); // the probe is still waiting
+  assert.equal(probes, 1);
+  stat = '12 0 96 5 20 0 160 7 0 12 12 0 0 0 0 0 0'; // the probe's own read
+  release!();
+  await new Promise((r) => setImmediate(r));
+  tick!(); // idle since the probe: probed again
+  assert.equal(probes, 2);
+  release!();
+  await new Promise((r) => setImmediate(r));
+  stat = '12 0 96 5 20 0 160 7 1 12 12 0 0 0 0 0 0'; // one request in flight
+  tick!();
+  assert.equal(probes, 2);
+  p.close();
+  assert.equal(tick, undefined);
+  assert.deepEqual(activityKey('1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17'), { key: '1 5 9 12 16', inFlight: 9 });
 });
