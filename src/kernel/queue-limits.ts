@@ -68,6 +68,13 @@ export interface QueueLimitsPlan {
 /** The limits to give the queue, or an NbdError saying why the kernel cannot honour the server. */
 export function planQueueLimits(inp: QueueLimitsInput): QueueLimitsPlan {
   const hwKb = inp.maxHwSectorsKb ?? NBD_MAX_HW_SECTORS_KB;
+  if (inp.server && inp.server.min > inp.blockSize) {
+    // At attach blocksize.ts already chose a block size ≥ the minimum; this is a reconnected server.
+    throw new NbdError(
+      'NBD_E_KERNEL_LIMITS',
+      `attach: the server's minimum block size ${inp.server.min} is above the device's block size ${inp.blockSize}: the kernel would send requests the server refuses; detach and attach again`,
+    );
+  }
   const max = inp.server?.max;
   if (max === undefined || max === 0 || max >= NO_MAXIMUM) {
     return { maxPayload: undefined, maxSectorsKb: Math.min(KERNEL_DEFAULT_MAX_SECTORS_KB, hwKb), bounded: false, maskWriteZeroes: false };

@@ -24,9 +24,7 @@ import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, RECONNECT_ATTEMPT_TI
 import type { Candidate } from './reconnector.ts';
 import { type SupervisorState, openLog, pidAlive, readState, removeState, writeState } from './state.ts';
 import { Supervisor } from './supervisor.ts';
-import { reconnectLimits } from '../kernel/queue-limits.ts';
-import { IDLE_PROBE_MS } from './policy.ts';
-import { KeptSockets, directReadProbe, startIdleProbe, watchKmsg } from './shutdown-watch.ts';
+import { serverChangeDeps } from './shutdown-watch.ts';
 
 const debug = createDebug('nbd:supervisor');
 
@@ -400,14 +398,6 @@ async function attachFrom(
   return supervise(base, ops, { source, reconnectTimeout, ...(r.keptFds ? { keptFds: r.keptFds } : {}) }, rep, mode, `${summary}, connections ${connections}`);
 }
 
-function readSysfs(file: string): string | undefined {
-  try {
-    return fs.readFileSync(file, 'utf8');
-  } catch {
-    return undefined;
-  }
-}
-
 function parseDeviceNameOrNode(device: string): boolean {
   return parseDeviceName(device) !== undefined || device.startsWith('/');
 }
@@ -576,24 +566,7 @@ async function supervise(
         const t = setInterval(fn, ms);
         return () => clearInterval(t);
       },
-      applyLimits: reconnectLimits(),
-      sockets: new KeptSockets(),
-      watchKernelLog: (onRecord, l) => watchKmsg(onRecord, l),
-      ...(base.local
-        ? {}
-        : {
-            startIdleProbe: (linksUp: () => boolean) =>
-              startIdleProbe(IDLE_PROBE_MS, {
-                readStat: () => readSysfs(`/sys/block/nbd${base.index}/stat`),
-                probe: directReadProbe(base.device, () => Number(readSysfs(`/sys/block/nbd${base.index}/queue/logical_block_size`)) || base.blockSize),
-                linksUp,
-                every: (ms, fn) => {
-                  const t = setInterval(fn, ms);
-                  t.unref();
-                  return () => clearInterval(t);
-                },
-              }),
-          }),
+      ...serverChangeDeps(base),
     },
   );
   await sup.start();

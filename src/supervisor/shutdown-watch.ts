@@ -15,6 +15,9 @@ import fs from 'node:fs';
 import createDebug from 'debug';
 import * as libc from '../../native-bindings/libc.ts';
 import { MSG_DONTWAIT, MSG_PEEK } from '../kernel/constants.ts';
+import { reconnectLimits } from '../kernel/queue-limits.ts';
+import { IDLE_PROBE_MS } from './policy.ts';
+import type { SupervisorDeps } from './supervisor.ts';
 import { WireErr } from '../protocol/constants.ts';
 
 const debug = createDebug('nbd:supervisor');
@@ -256,5 +259,45 @@ export function directReadProbe(devicePath: string, blockSizeNow: () => number):
     } finally {
       await fh.close();
     }
+  };
+}
+
+function readSysfs(file: string): string | undefined {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The supervisor's hooks for a changing server, wired to the real kernel: the server's limits on
+ * every reconnect (src/kernel/queue-limits.ts), kept socket duplicates, the kernel-log watch and (for
+ * a remote server; the in-process server of local attach never shuts down by itself) the idle probe.
+ */
+export function serverChangeDeps(dev: { index: number; device: string; blockSize: number; local?: boolean | undefined }): Pick<
+  SupervisorDeps<never>,
+  'applyLimits' | 'sockets' | 'watchKernelLog' | 'startIdleProbe'
+> {
+  const sys = `/sys/block/nbd${dev.index}`;
+  return {
+    applyLimits: reconnectLimits(),
+    sockets: new KeptSockets(),
+    watchKernelLog: (onRecord, log) => watchKmsg(onRecord, log),
+    ...(dev.local
+      ? {}
+      : {
+          startIdleProbe: (linksUp: () => boolean) =>
+            startIdleProbe(IDLE_PROBE_MS, {
+              readStat: () => readSysfs(`${sys}/stat`),
+              probe: directReadProbe(dev.device, () => Number(readSysfs(`${sys}/queue/logical_block_size`)) || dev.blockSize),
+              linksUp,
+              every: (ms, fn) => {
+                const t = setInterval(fn, ms);
+                t.unref();
+                return () => clearInterval(t);
+              },
+            }),
+        }),
   };
 }
