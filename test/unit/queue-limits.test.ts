@@ -41,6 +41,14 @@ test('plan: a maximum below one page cannot be set (max_sectors_kb ≥ PAGE_SIZE
   assert.doesNotThrow(() => planQueueLimits({ blockSize: 512, server: bs(512, 512, 4096), flags: F, pageSize: 4096 }));
 });
 
+test('plan: a minimum above the device block size (a reconnected server) is refused', () => {
+  assert.throws(
+    () => planQueueLimits({ blockSize: 512, server: bs(4096, 4096, NO_MAXIMUM), flags: F, pageSize: 4096 }),
+    (e: unknown) => e instanceof NbdError && e.code === 'NBD_E_KERNEL_LIMITS' && /minimum block size 4096 is above the device's block size 512/.test(e.message),
+  );
+  assert.doesNotThrow(() => planQueueLimits({ blockSize: 4096, server: bs(4096, 4096, NO_MAXIMUM), flags: F, pageSize: 4096 }));
+});
+
 function fakeQueue(v: { maxSectorsKb: number; maxHwSectorsKb?: number; discardMaxBytes?: number; lbs?: number }) {
   const sys = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-queue-'));
   const q = path.join(sys, 'block', 'nbd2', 'queue');
