@@ -40,6 +40,7 @@ interface Bindings {
   dup: Fn;
   flock: Fn;
   poll: Fn;
+  shutdown: Fn;
   ioctl: Fn;
   ioctlAsync: Fn;
   preadv2: Fn;
@@ -88,6 +89,7 @@ function lib(): Bindings {
     dup: f('int dup(int fd)'),
     flock: f('int flock(int fd, int operation)'),
     poll: f('int poll(void *fds, unsigned long nfds, int timeout)'),
+    shutdown: f('int shutdown(int fd, int how)'),
     ioctl,
     ioctlAsync: (ioctl as unknown as { async: Fn }).async,
     preadv2: libc.func('intptr_t preadv2(int fd, const nbd_attach_iovec *iov, int iovcnt, int64_t offset, int flags)') as unknown as Fn,
@@ -165,6 +167,12 @@ export function close(fd: number): void {
 }
 export function dup(fd: number): number {
   return check(lib().dup(fd), 'dup');
+}
+/** include/linux/net.h: SHUT_RDWR = 2. */
+export const SHUT_RDWR = 2;
+/** shutdown(2): ends the connection for every holder of the socket (the kernel's reference too). */
+export function shutdown(fd: number, how: number = SHUT_RDWR): void {
+  check(lib().shutdown(fd, how), 'shutdown');
 }
 
 // poll.h (include/uapi/asm-generic/poll.h): POLLERR 0x8, POLLHUP 0x10, POLLNVAL 0x20, POLLRDHUP 0x2000.

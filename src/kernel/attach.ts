@@ -20,6 +20,7 @@ import { GenlSocket, NetlinkError, NetlinkTimeoutError } from '../../native-bind
 import { BLKROSET, NBD_GENL_FAMILY_NAME, NbdIoctl } from './constants.ts';
 import { type GenlMessage, encodeConnect, encodeDisconnect, parseIndex } from './netlink-codec.ts';
 import { chooseBlockSize } from './blocksize.ts';
+import { type QueueLimitsPlan, applyQueueLimits, planQueueLimits } from './queue-limits.ts';
 import {
   type DeviceRef,
   type Roots,
@@ -60,6 +61,8 @@ export interface AttachOptions {
   notice?: ((message: string) => void) | undefined;
   /** Bound on waiting for the device to become usable. */
   readyTimeoutMs?: number | undefined;
+  /** Keep a duplicate of each socket given to the kernel (AttachResult.keptFds), e.g. to shut it down. */
+  keepFds?: boolean | undefined;
   roots?: Roots | undefined;
 }
 
@@ -74,6 +77,10 @@ export interface AttachResult {
   identifier?: string;
   /** ioctl only: settles when NBD_DO_IT returns (the device was disconnected). */
   done?: Promise<{ ret: number; message?: string }>;
+  /** The server's limits as applied to the request queue (queue-limits.ts). */
+  limits: QueueLimitsPlan;
+  /** keepFds: duplicates of the sockets the kernel holds, ours to shut down (netlink only). */
+  keptFds?: number[];
 }
 
 const DEFAULT_READY_TIMEOUT_MS = 10_000;
@@ -192,6 +199,7 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
   let nl: GenlSocket | undefined;
   let iface: KernelInterface = opts.useIoctl ? 'ioctl' : 'netlink';
   let blockSize: number;
+  let limits: QueueLimitsPlan;
   const readOnly = opts.readOnly || (info.flags & TransmissionFlag.READ_ONLY) !== 0;
   try {
     requireAdmin(op, roots);
@@ -220,6 +228,7 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
     const choice = chooseBlockSize({ size: info.size, server: info.blockSize, requested: opts.blockSize, pageSize: page });
     blockSize = choice.blockSize;
     if (choice.note) notice(choice.note);
+    limits = planQueueLimits({ blockSize, server: info.blockSize, flags: info.flags, pageSize: page });
     if (iface === 'ioctl' && dev === undefined) dev = pickFreeDevice(roots);
     if (iface === 'ioctl' && !fs.existsSync(dev!.path)) {
       throw new NbdError('NBD_E_DEVICE_MISSING', `attach: ${dev!.path} does not exist (no udev?): create the nodes with 'nbd-attach mknod'`);
@@ -246,7 +255,20 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
     // not connected (opening it does no I/O); an auto-picked device is cleared when it is opened below.
     if (dev && !readOnly) clearReadOnlyFlag(dev.path);
     const identifier = opts.identifier ?? randomUUID();
-    const serverFlags = readOnly ? info.flags | TransmissionFlag.READ_ONLY : info.flags;
+    let serverFlags = readOnly ? info.flags | TransmissionFlag.READ_ONLY : info.flags;
+    if (limits.maskWriteZeroes) serverFlags &= ~TransmissionFlag.SEND_WRITE_ZEROES;
+    // A device named in advance gets its request size limit before it is connected, so not even the
+    // first read (udev's probe, the partition scan) exceeds the server's maximum.
+    if (dev && limits.bounded) {
+      try {
+        applyQueueLimits(dev.index, limits, { roots, discard: false });
+      } catch (e) {
+        fds.forEach(closeQuietly);
+        nl!.close();
+        throw e;
+      }
+    }
+    const kept: number[] = [];
     const context = `size ${info.size}, block size ${blockSize}, ${fds.length} socket(s)`;
     let index: number | undefined;
     try {
@@ -287,11 +309,22 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
       nl!.close();
       throw e instanceof NbdError ? e : kernelError(op, e, dev, roots, context);
     } finally {
-      fds.forEach(closeQuietly); // the kernel took its own references during CONNECT
+      // The kernel took its own references during CONNECT; keepFds keeps ours on success.
+      if (opts.keepFds && index !== undefined) kept.push(...fds);
+      else fds.forEach(closeQuietly);
     }
     const device = dev && dev.index === index ? dev.path : `/dev/nbd${index}`;
+    try {
+      applyQueueLimits(index, limits, { roots });
+    } catch (e) {
+      kept.forEach(closeQuietly);
+      await netlinkDisconnect(nl!, family!, index).catch(() => {});
+      nl!.close();
+      throw e;
+    }
     const ok = await waitUsable(index, readyTimeout, roots);
     if (!ok) {
+      kept.forEach(closeQuietly);
       await netlinkDisconnect(nl!, family!, index).catch(() => {});
       nl!.close();
       throw new NbdError('NBD_E_KERNEL_TIMEOUT', `attach: ${device} did not become ready within ${readyTimeout} ms (no pid/size in /sys/block/nbd${index}): disconnected it again; see dmesg`);
@@ -299,14 +332,14 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
     nl!.close();
     await scanPartitions(device, dev === undefined && !readOnly);
     debug('attached %s via netlink', device);
-    return { index, device, interface: 'netlink', blockSize, sizeBytes: info.size, readOnly, identifier };
+    return { index, device, interface: 'netlink', blockSize, sizeBytes: info.size, readOnly, identifier, limits, ...(opts.keepFds ? { keptFds: kept } : {}) };
   }
 
   // ioctl: one Worker thread does every ioctl and then blocks in DO_IT.
   if (opts.identifier !== undefined) notice('-i/--identifier is ignored with the ioctl interface (it cannot set a backend identifier)');
   if (opts.deadConnTimeout) notice('the dead-connection timeout is ignored with the ioctl interface');
   if (fds.length > 1) notice(`the ioctl interface is used with one connection; ${fds.length - 1} more closed`);
-  return ioctlAttach({ dev: dev!, fd: fds[0]!, extraFds: fds.slice(1), blockSize, info, readOnly, timeout: opts.timeout ?? 0, readyTimeout, roots });
+  return ioctlAttach({ dev: dev!, fd: fds[0]!, extraFds: fds.slice(1), blockSize, info, readOnly, timeout: opts.timeout ?? 0, readyTimeout, roots, limits });
 }
 
 /** How long attach waits for the partition scan before returning anyway. */
@@ -385,15 +418,25 @@ async function ioctlAttach(a: {
   timeout: number;
   readyTimeout: number;
   roots: Roots;
+  limits: QueueLimitsPlan;
 }): Promise<AttachResult> {
   const op = 'attach';
+  if (a.limits.bounded) {
+    try {
+      applyQueueLimits(a.dev.index, a.limits, { roots: a.roots, discard: false });
+    } catch (e) {
+      closeQuietly(a.fd);
+      a.extraFds.forEach(closeQuietly);
+      throw e;
+    }
+  }
   a.extraFds.forEach(closeQuietly); // the ioctl path uses one connection (multi-conn needs netlink)
   const req: DoItRequest = {
     devicePath: a.dev.path,
     sockFd: a.fd,
     blockSize: a.blockSize,
     sizeBytes: a.info.size.toString(),
-    serverFlags: a.info.flags,
+    serverFlags: a.limits.maskWriteZeroes ? a.info.flags & ~TransmissionFlag.SEND_WRITE_ZEROES : a.info.flags,
     readOnly: a.readOnly,
     timeout: a.timeout,
   };
@@ -434,8 +477,19 @@ async function ioctlAttach(a: {
     await Promise.race([done, sleep(5000)]);
     throw new NbdError('NBD_E_KERNEL_TIMEOUT', `${op}: ${a.dev.path} did not become ready within ${a.readyTimeout} ms: disconnected it again; see dmesg`);
   }
+  try {
+    applyQueueLimits(a.dev.index, a.limits, { roots: a.roots });
+  } catch (e) {
+    try {
+      ioctlDisconnect(a.dev.path);
+    } catch {
+      /* best effort */
+    }
+    await Promise.race([done, sleep(5000)]);
+    throw e;
+  }
   await scanPartitions(a.dev.path);
-  return { index: a.dev.index, device: a.dev.path, interface: 'ioctl', blockSize: a.blockSize, sizeBytes: a.info.size, readOnly: a.readOnly, done };
+  return { index: a.dev.index, device: a.dev.path, interface: 'ioctl', blockSize: a.blockSize, sizeBytes: a.info.size, readOnly: a.readOnly, done, limits: a.limits };
 }
 
 // ---------------------------------------------------------------------------------------------

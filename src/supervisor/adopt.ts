@@ -15,7 +15,8 @@ import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
 import { type SupervisorState, readState, supervisorAlive } from './state.ts';
-import { lockDevice } from './lock.ts';
+import { inheritedLock, lockDevice } from './lock.ts';
+import type { Handoff } from './handoff.ts';
 import { EarlySubscription, type ServiceNotifier, supervise } from './resident.ts';
 
 export async function adopt(
@@ -24,8 +25,10 @@ export async function adopt(
   opts: SupervisedAttachOptions,
   rep: Reporter,
   how: { mode: 'foreground' | 'background'; reconnectTimeout: number; notifier?: ServiceNotifier },
+  /** From the attach command that started this supervisor beside it (src/supervisor/handoff.ts). */
+  handoff?: Handoff,
 ): Promise<number> {
-  const op = 'reattach';
+  const op = handoff ? 'supervise' : 'reattach';
   const dev = resolveDevice(deviceArg, undefined, op);
   const st = deviceState(dev.index);
   if (st.pid === undefined) throw new NbdError('NBD_E_DEVICE_NOT_ATTACHED', `${op}: ${dev.path} is not attached: attach it with 'nbd-attach HOST ${dev.path}'`);
@@ -35,7 +38,9 @@ export async function adopt(
   if (saved?.local) {
     throw new NbdError('NBD_E_USAGE', `${op}: ${dev.path} was served by its own supervisor (${saved.server}), and that server is gone with it: detach it (nbd-attach -d ${dev.path}) and attach it again`);
   }
-  if (saved && saved.pid !== process.pid && supervisorAlive(saved)) {
+  if (handoff && !saved) throw new NbdError('NBD_E_FAILURE', `${op}: the attach command left no state for ${dev.path}: detach it and attach it again`);
+  // Handed over: the state's pid is the attach command's, and the lock (inherited) is what counts.
+  if (!handoff && saved && saved.pid !== process.pid && supervisorAlive(saved)) {
     throw new NbdError('NBD_E_DEVICE_SUPERVISED', `${op}: ${dev.path} is already supervised by pid ${saved.pid}: nothing to do`);
   }
   if (saved?.tls !== undefined && given !== undefined && given.target.tls === false) {
@@ -47,7 +52,8 @@ export async function adopt(
     throw new NbdError('NBD_E_USAGE', `${op}: no record of ${dev.path}'s server (no state file): give it: nbd-attach --reattach ${dev.path} HOST[:PORT] [-N EXPORT]`);
   }
   // One supervisor per device: whoever holds the lock wins; everyone else stops here, having changed nothing.
-  lockDevice(dev.index, dev.path, op);
+  if (handoff) inheritedLock(handoff.lockFd, dev.index, dev.path);
+  else lockDevice(dev.index, dev.path, op);
   // Checked again under the lock: the device must still carry the identifier everything above read.
   if (deviceState(dev.index).backend !== st.backend) throw new NbdError('NBD_E_DEVICE_BUSY', `${op}: ${dev.path} changed while adopting it: try again`);
 
@@ -96,6 +102,23 @@ export async function adopt(
   };
   const name = exportName === '' ? '(default)' : `'${display(exportName)}'`;
   const tls = target.tls !== false;
+  if (handoff) {
+    return supervise(
+      base,
+      ops,
+      {
+        source: remoteSource(target, exportName, noOptGo),
+        reconnectTimeout: how.reconnectTimeout,
+        keptFds: handoff.keptFds,
+        checkKept: true,
+        log: { fd: handoff.logFd, file: handoff.logFile },
+        ...(how.notifier ? { notifier: how.notifier } : {}),
+      },
+      rep,
+      how.mode,
+      `${dev.path} supervised: attached by pid ${saved?.pid} to server ${base.server}, export ${name}, connections ${connections}`,
+    );
+  }
   return supervise(
     base,
     ops,

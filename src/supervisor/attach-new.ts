@@ -16,9 +16,11 @@ import type { ConnectionSource } from './source.ts';
 import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
-import { type SupervisorState, readState, supervisorAlive } from './state.ts';
+import { type SupervisorState, logDir, readState, runDir, supervisorAlive, writeState } from './state.ts';
+import { openLogFile } from './log.ts';
+import { startSupervisor } from './handoff.ts';
 import { type DeviceLock, lockDevice } from './lock.ts';
-import { EarlySubscription, type ServiceNotifier, residentProcessSetup, supervise } from './resident.ts';
+import { EarlySubscription, type ServiceNotifier, onDevice, residentProcessSetup, supervise } from './resident.ts';
 import { adopt } from './adopt.ts';
 
 function sameServer(s: SupervisorState, target: Target, exportName: string): boolean {
@@ -26,7 +28,11 @@ function sameServer(s: SupervisorState, target: Target, exportName: string): boo
 }
 
 export interface AttachHow {
-  mode: 'foreground' | 'background';
+  /**
+   * 'handoff': this is the command the user ran; attach here, start the supervisor beside it with our
+   * lock, log and socket duplicates (src/supervisor/handoff.ts) and return at once.
+   */
+  mode: 'foreground' | 'background' | 'handoff';
   reconnectTimeout: number;
   notifier?: ServiceNotifier;
 }
@@ -53,7 +59,7 @@ export async function attachNew(
       if (supervisorAlive(saved)) {
         throw new NbdError('NBD_E_DEVICE_ATTACHED', `attach: ${dev.path} is already attached to ${saved.server} and supervised by pid ${saved.pid}: nothing to do`);
       }
-      return adopt(device, { target, exportName }, opts, rep, how);
+      return adopt(device, { target, exportName }, opts, rep, { ...how, mode: how.mode === 'handoff' ? 'foreground' : how.mode });
     }
   }
 
@@ -70,10 +76,11 @@ export async function attachNew(
   }
 
   async function attachLocked(): Promise<number> {
-    // Listen for LINK_DEAD before CONNECT so a link that dies at once is not missed.
+    // Listen for LINK_DEAD before CONNECT so a link that dies at once is not missed (a supervisor
+    // started beside us listens first and then looks at the sockets: src/supervisor/handoff.ts).
     const ops = new EarlySubscription(new NetlinkKernelOps());
     try {
-      await ops.listen();
+      if (how.mode !== 'handoff') await ops.listen();
     } catch (e) {
       ops.close();
       throw e instanceof NbdError ? e : new NbdError('NBD_E_KERNEL', `attach: cannot listen for nbd netlink events: ${(e as Error).message}`, { cause: e });
@@ -109,6 +116,7 @@ export async function attachNew(
         useIoctl: false,
         deadConnTimeout: deadTimeoutS,
         notice: rep.note,
+        keepFds: true,
       });
     } catch (e) {
       ops.close();
@@ -162,6 +170,22 @@ export async function attachNew(
       startedAt: new Date().toISOString(),
       updatedAt: new Date().toISOString(),
     };
-    return supervise(base, ops, { source, reconnectTimeout: how.reconnectTimeout, ...(how.notifier ? { notifier: how.notifier } : {}) }, rep, how.mode, `${summary}, connections ${connections}`);
+    const kept = r.keptFds ?? [];
+    if (how.mode === 'handoff') {
+      ops.close();
+      writeState(base); // what the supervisor adopts; it rewrites it with its own pid
+      const log = openLogFile(r.index, [logDir(), runDir()], onDevice(r.index));
+      const pid = startSupervisor(r.device, { lockFd: lock.fd, logFd: log.fd, logFile: log.file, keptFds: kept }, { swap: opts.swap, systemdMark: opts.systemdMark });
+      rep.ready(`${summary}, connections ${connections}, supervisor pid ${pid}, log ${log.file}`);
+      return 0;
+    }
+    return supervise(
+      base,
+      ops,
+      { source, reconnectTimeout: how.reconnectTimeout, keptFds: kept, ...(how.notifier ? { notifier: how.notifier } : {}) },
+      rep,
+      how.mode,
+      `${summary}, connections ${connections}`,
+    );
   }
 }

@@ -42,7 +42,11 @@ export function parseHandoff(text: string | undefined): Handoff | undefined {
  * Start the supervisor for an attached device with our descriptors (lock, log, socket duplicates)
  * as its fds 3, 4, 5…; returns its pid. It is detached and not waited for.
  */
-export function startSupervisor(device: string, fds: { lockFd: number; logFd: number; logFile: string; keptFds: readonly number[] }): number {
+export function startSupervisor(
+  device: string,
+  fds: { lockFd: number; logFd: number; logFile: string; keptFds: readonly number[] },
+  marks: { swap?: boolean | undefined; systemdMark?: boolean | undefined } = {},
+): number {
   const entry = process.argv[1];
   if (!entry) throw new NbdError('NBD_E_FAILURE', 'attach: cannot find this program to start the supervisor: use -n/--foreground');
   const handoff: Handoff = { device, lockFd: 3, logFd: 4, logFile: fds.logFile, keptFds: fds.keptFds.map((_, i) => 5 + i) };
@@ -52,9 +56,20 @@ export function startSupervisor(device: string, fds: { lockFd: number; logFd: nu
     detached: true,
     stdio: ['ignore', 'ignore', stderr, fds.lockFd, fds.logFd, ...fds.keptFds],
     env,
+    // -m: the '@' mark from the first instruction on (systemd's ROOT_STORAGE_DAEMONS.md), not only
+    // once the supervisor has started (it sets its title again itself).
+    ...(marks.systemdMark ? { argv0: `@nbd-attach` } : {}),
   });
   child.unref();
   if (child.pid === undefined) throw new NbdError('NBD_E_FAILURE', 'attach: cannot start the supervisor process');
+  if (marks.swap) {
+    // -s: kept from the OOM killer from the start (the supervisor also sets it for itself).
+    try {
+      fs.writeFileSync(`/proc/${child.pid}/oom_score_adj`, '-1000');
+    } catch {
+      /* it sets it itself moments later, and logs a failure */
+    }
+  }
   return child.pid;
 }
 

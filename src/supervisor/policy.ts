@@ -17,6 +17,20 @@ export interface Backoff {
   factor: number;
 }
 export const DEFAULT_BACKOFF: Backoff = { initialMs: 50, maxMs: 1000, factor: 2 };
+/**
+ * After a server said it is shutting down (NBD_ESHUTDOWN, src/supervisor/shutdown-watch.ts) a new one
+ * is about to listen (`systemctl restart`): retry at most every 200 ms for RESTART_WINDOW_MS, so the
+ * device is served again well within 2 s of the new server listening. A refused connect costs the
+ * server nothing; 30 s of them is 150 SYNs.
+ */
+export const RESTART_BACKOFF: Backoff = { initialMs: 50, maxMs: 200, factor: 2 };
+export const RESTART_WINDOW_MS = 30_000;
+/**
+ * An idle device is probed with one direct read of its first block this often, so a server that
+ * waits for its clients to leave (nbdkit after SIGTERM) answers NBD_ESHUTDOWN and is let go
+ * (src/supervisor/shutdown-watch.ts): a graceful restart then waits at most this long for us.
+ */
+export const IDLE_PROBE_MS = 2000;
 
 /** Per-attempt bound on connect + handshake while reconnecting (a SYN lost in a partition is retried
  *  by TCP after 1 s and 3 s; a fresh attempt after this long catches a link that came back). */

@@ -7,9 +7,11 @@
 // retried for ever: the kernel fails queued I/O after its dead timeout, and a later RECONFIGURE
 // revives the device. Errors that mean "this is not the disk we had" (export gone, flags changed)
 // are retried until the dead timeout has passed since the outage began, then we give up.
+// A changed size is one of those when the export shrank (a mounted filesystem may reach past the new
+// end) or is no longer a whole number of the device's blocks; growth is applied and logged.
 
 import { NbdError } from '../errors.ts';
-import { type Backoff, DEFAULT_BACKOFF, backoffDelay, flagsProblem } from './policy.ts';
+import { type Backoff, DEFAULT_BACKOFF, RESTART_BACKOFF, backoffDelay, flagsProblem } from './policy.ts';
 
 /** A negotiated replacement connection, not yet given to the kernel. */
 export interface Candidate {
@@ -19,12 +21,24 @@ export interface Candidate {
   discard(): void;
 }
 
+/** Why a new size cannot replace the device's, or undefined when it can (equal or grown). */
+export function sizeProblem(before: bigint, after: bigint, blockSize: number): string | undefined {
+  if (after < before) return `the export shrank from ${before} to ${after} bytes (a filesystem on the device may reach past the new end)`;
+  if (after % BigInt(blockSize) !== 0n) return `the export's new size ${after} bytes is not a multiple of the device's block size ${blockSize}`;
+  return undefined;
+}
+
 export interface ReconnectorDeps<C extends Candidate = Candidate> {
   now(): number;
   sleep(ms: number): Promise<void>;
   random(): number;
   /** Connect and negotiate the same export; rejects with NbdError on failure. */
   negotiate(): Promise<C>;
+  /**
+   * Before RECONFIGURE: prepare the device for this connection (the server's request limits) or
+   * refuse it by throwing NbdError (NBD_E_EXPORT_CHANGED: retried until the dead timeout).
+   */
+  prepare?(c: C): void;
   /** RECONFIGURE the candidate in (with the new size when it changed). Takes ownership of it on success. */
   reconfigure(c: C, change: { sizeBytes?: bigint }): Promise<void>;
   log(message: string): void;
@@ -40,6 +54,8 @@ export interface ReconnectorConfig {
   /** Size and flags the device was set up with. */
   size: bigint;
   flags: number;
+  /** The device's logical block size (a new size must be a multiple of it); 512 when not given. */
+  blockSize?: number;
   /** Total connections of the device. */
   connections: number;
   backoff?: Backoff;
@@ -62,6 +78,8 @@ export class Reconnector<C extends Candidate = Candidate> {
   private gaveUpError: NbdError | undefined;
   private running: Promise<void> | undefined;
   private readonly backoff: Backoff;
+  /** Until then (deps.now()), retry on RESTART_BACKOFF: a restarted server is expected. */
+  private hurryUntil = -Infinity;
 
   constructor(
     private readonly deps: ReconnectorDeps<C>,
@@ -97,6 +115,11 @@ export class Reconnector<C extends Candidate = Candidate> {
     });
   }
 
+  /** The server said it is going away and a new one is expected: retry quickly for `forMs`. */
+  hurry(forMs: number): void {
+    this.hurryUntil = this.deps.now() + forMs;
+  }
+
   /** Stop retrying (SIGTERM, device gone). Resolves once the loop has noticed. */
   async stop(): Promise<void> {
     this.stopped = true;
@@ -121,12 +144,15 @@ export class Reconnector<C extends Candidate = Candidate> {
         }
         const problem = flagsProblem(this.flags, cand.flags, this.cfg.connections);
         if (problem) throw new NbdError('NBD_E_EXPORT_CHANGED', `reconnect: ${problem}: not handing this connection to the kernel`);
+        const sizeWrong = sizeProblem(this.size, cand.size, this.cfg.blockSize ?? 512);
+        if (sizeWrong) throw new NbdError('NBD_E_EXPORT_CHANGED', `reconnect: ${sizeWrong}: not handing this connection to the kernel`);
+        this.deps.prepare?.(cand);
         const change: { sizeBytes?: bigint } = {};
         if (cand.size !== this.size) change.sizeBytes = cand.size;
         await this.deps.reconfigure(cand, change);
         cand = undefined; // the kernel owns it now
         if (change.sizeBytes !== undefined) {
-          this.deps.log(`export size changed from ${this.size} to ${change.sizeBytes} bytes: applied to the device`);
+          this.deps.log(`export grew from ${this.size} to ${change.sizeBytes} bytes: applied to the device`);
           this.size = change.sizeBytes;
         }
         this.pending--;
@@ -151,7 +177,7 @@ export class Reconnector<C extends Candidate = Candidate> {
           this.deps.gaveUp?.(this.gaveUpError);
           break;
         }
-        const delay = backoffDelay(failures, this.deps.random(), this.backoff);
+        const delay = backoffDelay(failures, this.deps.random(), this.deps.now() < this.hurryUntil ? RESTART_BACKOFF : this.backoff);
         failures++;
         this.deps.log(`reconnect attempt ${this.attempts} failed: ${err.message}; next try in ${delay} ms`);
         this.deps.changed?.();

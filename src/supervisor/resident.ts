@@ -16,6 +16,7 @@ import type { Reporter } from './reporter.ts';
 import { type LogSink, createLogSink, openLogFile } from './log.ts';
 import { type SupervisorState, logDir, processIdentity, removeState, runDir, writeState } from './state.ts';
 import { Supervisor } from './supervisor.ts';
+import { serverChangeDeps } from './shutdown-watch.ts';
 import { type Notifier, createNotifier, deviceStatusText } from '../systemd/notify.ts';
 
 /** What systemd is told (src/systemd/notify.ts; a no-op without $NOTIFY_SOCKET). */
@@ -67,6 +68,7 @@ export class EarlySubscription implements KernelOps {
 
 interface LiveCandidate extends Candidate {
   conn: Connection;
+  blockSizes: Connection['info']['blockSize'];
 }
 
 /** True when a directory with st_dev `dev` lives on nbd`index` (or one of its partitions). */
@@ -108,10 +110,12 @@ export interface ResidentHow {
    */
   replaceAll?: 'adopted' | 'tls';
   /**
-   * Duplicates of the sockets the attach command gave the kernel (src/supervisor/handoff.ts): once
-   * subscribed to LINK_DEAD, each that has ended gets a replacement; then they are closed.
+   * Duplicates of the sockets given to the kernel (by attach, or by the attach command:
+   * src/supervisor/handoff.ts), kept to end them when the server asks us to leave. Once subscribed to
+   * LINK_DEAD, each one that has already ended gets a replacement (with `checkKept`).
    */
   keptFds?: readonly number[];
+  checkKept?: boolean;
   /** The log file the attach command opened (and named in its ready line). */
   log?: { fd: number; file: string };
   notifier?: ServiceNotifier;
@@ -149,6 +153,8 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
       flags: base.flags,
       deadTimeoutS: base.deadTimeoutS,
       whenBusy: base.local ? 'stay' : 'leave',
+      blockSize: base.blockSize,
+      ...(how.keptFds ? { keptFds: how.keptFds } : {}),
     },
     {
       kernel: ops,
@@ -157,7 +163,7 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
       random: Math.random,
       negotiate: async () => {
         const c = await how.source.connect(how.reconnectTimeout);
-        return { size: c.info.size, flags: c.info.flags, conn: c, discard: () => c.socket.destroy() };
+        return { size: c.info.size, flags: c.info.flags, blockSizes: c.info.blockSize, conn: c, discard: () => c.socket.destroy() };
       },
       takeFd: (c) => takeSocketFd(c.conn.socket),
       closeFd: (fd) => {
@@ -184,24 +190,18 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
         const t = setInterval(fn, ms);
         return () => clearInterval(t);
       },
+      ...serverChangeDeps(base),
     },
   );
   await sup.start();
   if (how.replaceAll === 'tls') log(`TLS: the previous supervisor relayed this device's connections, so they ended with it: replacing all ${base.connections}`);
   if (how.replaceAll === 'adopted') log(`adopting: offering the kernel ${base.connections} fresh connection(s); dead links take them, live ones let them go`);
   if (how.replaceAll) for (let i = 0; i < base.connections; i++) sup.onLinkDead(base.index);
-  if (how.keptFds) {
+  if (how.checkKept && how.keptFds) {
     // Subscribed now: a link that died before (its LINK_DEAD unheard) shows as an ended socket.
     const ended = how.keptFds.filter((fd) => libc.socketEnded(fd)).length;
     if (ended > 0) log(`${ended} connection(s) ended before this supervisor listened: replacing them`);
     for (let i = 0; i < ended; i++) sup.onLinkDead(base.index);
-    for (const fd of how.keptFds) {
-      try {
-        libc.close(fd);
-      } catch {
-        /* already closed */
-      }
-    }
   }
   const onSignal = (sig: NodeJS.Signals): void => void sup.terminate(sig);
   for (const s of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(s, onSignal);

@@ -16,6 +16,7 @@ import { attachNew } from './attach-new.ts';
 import { adopt } from './adopt.ts';
 import { ioctlLifeline } from './ioctl-lifeline.ts';
 import type { ServiceNotifier } from './resident.ts';
+import { HANDOFF_ENV, parseHandoff } from './handoff.ts';
 
 export type { AttachSpec, SupervisedAttachOptions } from './spec.ts';
 
@@ -23,6 +24,21 @@ const debug = createDebug('nbd:supervisor');
 
 export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAttachOptions, notifier?: ServiceNotifier): Promise<void> {
   if (opts.supervisorChild) {
+    const handoff = parseHandoff(process.env[HANDOFF_ENV]);
+    delete process.env[HANDOFF_ENV];
+    if (handoff) {
+      // Started beside the attach command, which has already returned: nobody to report to but the log.
+      const quiet: Reporter = { note: () => undefined, ready: () => undefined };
+      const reconnectTimeout = Math.min(opts.connectTimeout ?? 10_000, RECONNECT_ATTEMPT_TIMEOUT_MS);
+      let code: number;
+      try {
+        code = await adopt(handoff.device, undefined, opts, quiet, { mode: 'background', reconnectTimeout }, handoff);
+      } catch (e) {
+        debug('supervisor failed: %O', e);
+        code = exitCodeOf(e);
+      }
+      process.exit(code);
+    }
     const rep = pipeReporter();
     let code: number;
     try {
@@ -40,7 +56,21 @@ export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAtta
     process.exitCode = await attachAndStay(spec, opts, consoleReporter(), 'foreground', notifier);
     return;
   }
+  if (handsOff(spec, opts)) {
+    // Attach here and start the supervisor beside us: one Node start on the way to a usable device.
+    process.exitCode = await attachAndStay(spec, opts, consoleReporter(), 'handoff', notifier);
+    return;
+  }
   await launchBackground((opts.connectTimeout ?? 10_000) * Math.max(1, opts.connections ?? 1) + 60_000);
+}
+
+/**
+ * Whether the command can attach by itself and hand the device to a supervisor started beside it.
+ * Not when the resident process must also carry the data path: local attach (the server), TLS (the
+ * relay), -L (NBD_DO_IT); not for adoption (nothing to attach).
+ */
+function handsOff(spec: AttachSpec, opts: SupervisedAttachOptions): boolean {
+  return spec.kind === 'remote' && spec.target.tls === false && opts.ioctl !== true;
 }
 
 /** Where the connections come from; a local source opens the image (or allocates memory) now. */
@@ -49,9 +79,16 @@ async function openSource(spec: Exclude<AttachSpec, { kind: 'reattach' }>, opts:
   return remoteSource(spec.target, spec.exportName, opts.optgo === false);
 }
 
-async function attachAndStay(spec: AttachSpec, opts: SupervisedAttachOptions, rep: Reporter, mode: 'foreground' | 'background', notifier: ServiceNotifier | undefined): Promise<number> {
+async function attachAndStay(
+  spec: AttachSpec,
+  opts: SupervisedAttachOptions,
+  rep: Reporter,
+  mode: 'foreground' | 'background' | 'handoff',
+  notifier: ServiceNotifier | undefined,
+): Promise<number> {
   const reconnectTimeout = Math.min(opts.connectTimeout ?? 10_000, RECONNECT_ATTEMPT_TIMEOUT_MS);
-  const how = { mode, reconnectTimeout, ...(notifier ? { notifier } : {}) };
+  const resident = mode === 'handoff' ? 'foreground' : mode;
+  const how = { mode: resident, reconnectTimeout, ...(notifier ? { notifier } : {}) };
   if (spec.kind === 'reattach') {
     if (opts.ioctl) throw new NbdError('NBD_E_USAGE', '--reattach adopts a netlink device: drop -L/--ioctl');
     return adopt(spec.device, spec.given, opts, rep, how);
@@ -59,7 +96,7 @@ async function attachAndStay(spec: AttachSpec, opts: SupervisedAttachOptions, re
   const source = await openSource(spec, opts);
   try {
     if (opts.ioctl) return await ioctlLifeline(source, spec.device, opts, rep, how);
-    return await attachNew(source, spec.device, spec.kind === 'remote' ? spec.target : undefined, opts, rep, how);
+    return await attachNew(source, spec.device, spec.kind === 'remote' ? spec.target : undefined, opts, rep, { ...how, mode });
   } finally {
     await source.close();
   }

@@ -4,9 +4,11 @@
 // writer are injected so unit tests drive it without a kernel.
 
 import { NbdError } from '../errors.ts';
+import type { BlockSizes } from '../protocol/codec.ts';
 import type { KernelOps } from './kernel-ops.ts';
 import { type Candidate, Reconnector } from './reconnector.ts';
-import type { Backoff } from './policy.ts';
+import { type Backoff, RESTART_WINDOW_MS } from './policy.ts';
+import { type KeptSockets, type KmsgWatch, isShutdownReply, parseServerError } from './shutdown-watch.ts';
 
 export interface SupervisorConfig {
   index: number;
@@ -22,6 +24,10 @@ export interface SupervisorConfig {
    * in this process, so exiting would take the disk away).
    */
   whenBusy?: 'leave' | 'stay';
+  /** The device's logical block size (a new export size must be a multiple of it). */
+  blockSize?: number;
+  /** Duplicates of the sockets given to the kernel at attach, for `sockets` to hold. */
+  keptFds?: readonly number[];
   /** How often to check that the device is still attached (detached from another shell). */
   watchIntervalMs?: number;
   backoff?: Backoff;
@@ -46,7 +52,25 @@ export interface SupervisorDeps<C extends Candidate> {
   saveState(s: { reconnects: number; lastError: string | undefined; liveConnections: number; sizeBytes: bigint }): void;
   /** Repeating timer; returns a cancel function. */
   every(ms: number, fn: () => void): () => void;
+  /**
+   * Give the device's request queue the limits of the server behind `c` (src/kernel/queue-limits.ts):
+   * before RECONFIGURE (`discard` false) and after it (RECONFIGURE with a new size resets the TRIM
+   * limit). Throws NbdError when the kernel cannot honour them; returns a line for the log.
+   */
+  applyLimits?(index: number, c: { blockSizes?: BlockSizes | undefined; flags: number }, discard: boolean): string | undefined;
+  /** Keep duplicates of the kernel's sockets, to end them when the server asks us to leave. */
+  sockets?: KeptSockets;
+  /**
+   * Probe an idle device now and then (src/supervisor/shutdown-watch.ts startIdleProbe), so a server
+   * waiting for its clients to leave answers NBD_ESHUTDOWN; `linksUp` says when a probe cannot stall.
+   */
+  startIdleProbe?(linksUp: () => boolean): { close(): void };
+  /** Follow the kernel log (each record to `onRecord`); undefined when it cannot be read. */
+  watchKernelLog?(onRecord: (record: string) => void, log: (m: string) => void): KmsgWatch | undefined;
 }
+
+/** A candidate that may carry the server's block-size constraints (NBD_INFO_BLOCK_SIZE). */
+type WithLimits = { blockSizes?: BlockSizes | undefined };
 
 export type SupervisorEnd =
   | { reason: 'signal'; signal: string; code: 0 }
@@ -59,6 +83,8 @@ export class Supervisor<C extends Candidate> {
   readonly reconnector: Reconnector<C>;
   private ending = false;
   private cancelWatch: (() => void) | undefined;
+  private kmsg: KmsgWatch | undefined;
+  private idleProbe: { close(): void } | undefined;
   private resolveEnd!: (e: SupervisorEnd) => void;
   /** Settles once, when the supervisor is finished; `code` is the process exit code. */
   readonly ended: Promise<SupervisorEnd>;
@@ -74,35 +100,76 @@ export class Supervisor<C extends Candidate> {
         sleep: deps.sleep,
         random: deps.random,
         negotiate: deps.negotiate,
+        prepare: (c) => {
+          deps.applyLimits?.(cfg.index, c as C & WithLimits, false);
+        },
         reconfigure: async (c, change) => {
           const fd = deps.takeFd(c);
+          let keep = false;
           try {
             await deps.kernel.reconfigure(cfg.index, [fd], {
               ...(change.sizeBytes !== undefined ? { sizeBytes: change.sizeBytes } : {}),
               ...(cfg.identifier !== undefined ? { backend: cfg.identifier } : {}),
             });
+            keep = deps.sockets !== undefined;
           } finally {
-            deps.closeFd(fd); // the kernel holds its own reference after RECONFIGURE
+            // The kernel holds its own reference after RECONFIGURE; ours is kept only to end it later.
+            if (keep) deps.sockets!.add(fd);
+            else deps.closeFd(fd);
+          }
+          try {
+            const line = deps.applyLimits?.(cfg.index, c as C & WithLimits, true);
+            if (line) deps.log(line);
+          } catch (e) {
+            deps.log(`after reconnect: ${(e as Error).message}`);
           }
         },
         log: deps.log,
         changed: () => this.save(),
         gaveUp: (error) => this.finish({ reason: 'gave-up', error, code: error.exitCode }),
       },
-      { deadTimeoutMs: cfg.deadTimeoutS * 1000, size: cfg.size, flags: cfg.flags, connections: cfg.connections, ...(cfg.backoff ? { backoff: cfg.backoff } : {}) },
+      {
+        deadTimeoutMs: cfg.deadTimeoutS * 1000,
+        size: cfg.size,
+        flags: cfg.flags,
+        connections: cfg.connections,
+        ...(cfg.blockSize !== undefined ? { blockSize: cfg.blockSize } : {}),
+        ...(cfg.backoff ? { backoff: cfg.backoff } : {}),
+      },
     );
   }
 
   /** Subscribe to LINK_DEAD and start watching the device. */
   async start(): Promise<void> {
+    for (const fd of this.cfg.keptFds ?? []) {
+      if (this.deps.sockets) this.deps.sockets.add(fd);
+      else this.deps.closeFd(fd);
+    }
     await this.deps.kernel.subscribe((index) => this.onLinkDead(index));
+    if (this.deps.sockets) this.kmsg = this.deps.watchKernelLog?.((r) => this.onKernelRecord(r), this.deps.log);
+    if (this.kmsg) this.idleProbe = this.deps.startIdleProbe?.(() => !this.ending && this.reconnector.pending === 0);
     this.cancelWatch = this.deps.every(this.cfg.watchIntervalMs ?? 500, () => this.checkDevice());
     this.save();
   }
 
   onLinkDead(index: number): void {
     if (index !== this.cfg.index || this.ending) return;
+    this.deps.sockets?.prune(); // the kernel shut the dead socket down: let go of our copy
     this.reconnector.linkDead();
+  }
+
+  /**
+   * A kernel log record. NBD_ESHUTDOWN from our server: it is shutting down and waits for its clients
+   * to leave; end our connections now, so the kernel requeues and the reconnect path finds the next
+   * server (src/supervisor/shutdown-watch.ts).
+   */
+  onKernelRecord(record: string): void {
+    if (this.ending || !this.deps.sockets) return;
+    if (!isShutdownReply(parseServerError(record), this.cfg.index)) return;
+    const n = this.deps.sockets.dropAll();
+    if (n === 0) return;
+    this.reconnector.hurry(RESTART_WINDOW_MS);
+    this.deps.log(`the server is shutting down (it answered NBD_ESHUTDOWN): ending ${n} connection(s) to reconnect`);
   }
 
   /** Periodic: the device was detached (nbd-attach -d, another tool) or re-used by someone else. */
@@ -164,6 +231,9 @@ export class Supervisor<C extends Candidate> {
     if (this.ending) return;
     this.ending = true;
     this.cancelWatch?.();
+    this.kmsg?.close();
+    this.idleProbe?.close();
+    this.deps.sockets?.closeAll();
     void this.reconnector.stop();
     this.deps.kernel.close();
     this.resolveEnd(e);

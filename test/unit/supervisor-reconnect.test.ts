@@ -6,8 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdError } from '../../src/errors.ts';
 import { TransmissionFlag } from '../../src/protocol/constants.ts';
-import { DEFAULT_BACKOFF, backoffDelay, flagsProblem } from '../../src/supervisor/policy.ts';
-import { type Candidate, Reconnector } from '../../src/supervisor/reconnector.ts';
+import { DEFAULT_BACKOFF, RESTART_BACKOFF, backoffDelay, flagsProblem } from '../../src/supervisor/policy.ts';
+import { type Candidate, Reconnector, sizeProblem } from '../../src/supervisor/reconnector.ts';
+import { KeptSockets, activityKey, isShutdownReply, parseServerError, startIdleProbe } from '../../src/supervisor/shutdown-watch.ts';
 import { Supervisor } from '../../src/supervisor/supervisor.ts';
 import type { KernelOps } from '../../src/supervisor/kernel-ops.ts';
 
@@ -172,7 +173,7 @@ test('size changed: RECONFIGURE carries the new SIZE and it is logged', async ()
   await r.idle();
   assert.deepEqual(w.reconfigured, [{ id: 0, sizeBytes: 128n << 20n }]);
   assert.equal(r.size, 128n << 20n);
-  assert.ok(w.logs.some((l) => /size changed from 67108864 to 134217728/.test(l)));
+  assert.ok(w.logs.some((l) => /grew from 67108864 to 134217728/.test(l)));
   // Same size the next time: no SIZE attribute.
   w.script = [{ size: 128n << 20n }];
   r.linkDead();
@@ -385,4 +386,207 @@ test('supervisor: giving up (export gone past the dead timeout) ends with the er
   assert.equal(end.reason, 'gave-up');
   assert.equal(end.code, 4);
   assert.deepEqual(k.disconnects, [], 'the device is left for the admin to inspect or detach');
+});
+
+// ---- changed export size, the server's limits, a server shutting down ----
+
+test('size: a shrink or a size off the block size is refused until the dead timeout; growth is applied', async () => {
+  assert.equal(sizeProblem(64n << 20n, 64n << 20n, 4096), undefined);
+  assert.equal(sizeProblem(64n << 20n, 128n << 20n, 4096), undefined);
+  assert.match(sizeProblem(64n << 20n, 32n << 20n, 512)!, /shrank from 67108864 to 33554432/);
+  assert.match(sizeProblem(64n << 20n, (64n << 20n) + 512n, 4096)!, /not a multiple of the device's block size 4096/);
+
+  const w = new World();
+  w.script = Array.from({ length: 1000 }, () => ({ size: 32n << 20n }));
+  let gaveUp: NbdError | undefined;
+  const start = w.t;
+  const r = new Reconnector({ ...w.deps(), gaveUp: (e) => void (gaveUp = e) }, { deadTimeoutMs: 20_000, size: 64n << 20n, flags: FLAGS, connections: 1, blockSize: 4096 });
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.reconfigured.length, 0, 'never handed to the kernel');
+  assert.ok(w.made.every((c) => c.discarded));
+  assert.equal(gaveUp?.code, 'NBD_E_EXPORT_CHANGED');
+  assert.match(gaveUp!.message, /shrank.*giving up after/);
+  assert.ok(w.t - start >= 20_000, 'kept trying for the dead timeout');
+  assert.equal(r.size, 64n << 20n);
+
+  const w2 = new World();
+  w2.script = [{ size: (64n << 20n) + 512n }, { size: 96n << 20n }];
+  const r2 = new Reconnector(w2.deps(), { deadTimeoutMs: 60_000, size: 64n << 20n, flags: FLAGS, connections: 1, blockSize: 4096 });
+  r2.linkDead();
+  await r2.idle();
+  assert.equal(w2.made[0]!.discarded, true);
+  assert.deepEqual(w2.reconfigured, [{ id: 1, sizeBytes: 96n << 20n }]);
+  assert.match(w2.logs.join('\n'), /grew from 67108864 to 100663296/);
+});
+
+test('prepare refusing a connection (limits the kernel cannot honour): discarded and retried', async () => {
+  const w = new World();
+  let calls = 0;
+  const r = new Reconnector(
+    {
+      ...w.deps(),
+      prepare: () => {
+        if (calls++ === 0) throw new NbdError('NBD_E_EXPORT_CHANGED', 'reconnect: maximum payload too small');
+      },
+    },
+    { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 },
+  );
+  r.linkDead();
+  await r.idle();
+  assert.equal(w.made[0]!.discarded, true);
+  assert.deepEqual(w.reconfigured, [{ id: 1 }]);
+  assert.match(r.lastError ?? '', /maximum payload too small/);
+});
+
+class FakeSockets {
+  shut: number[] = [];
+  closedFds: number[] = [];
+  finished = new Set<number>();
+  ops = {
+    shutdown: (fd: number) => void this.shut.push(fd),
+    close: (fd: number) => void this.closedFds.push(fd),
+    isFinished: (fd: number) => this.finished.has(fd),
+  };
+}
+
+test('supervisor: NBD_ESHUTDOWN for our device in the kernel log ends every kept connection once; limits applied around RECONFIGURE', async () => {
+  const w = new World();
+  const k = new FakeKernel();
+  const fake = new FakeSockets();
+  const sockets = new KeptSockets(fake.ops);
+  let onRecord: ((r: string) => void) | undefined;
+  let kmsgClosed = false;
+  const limitCalls: { index: number; discard: boolean }[] = [];
+  const d = w.deps();
+  const sup = new Supervisor<FakeCand>(
+    { index: 3, device: '/dev/nbd3', identifier: 'id-1', connections: 2, size: w.size, flags: FLAGS, deadTimeoutS: 60, blockSize: 512, keptFds: [50, 51] },
+    {
+      kernel: k,
+      users: () => [],
+      now: d.now,
+      sleep: d.sleep,
+      random: d.random,
+      negotiate: d.negotiate,
+      takeFd: (c) => 100 + c.id,
+      closeFd: () => assert.fail('a kept socket is not closed after RECONFIGURE'),
+      log: d.log,
+      saveState: () => {},
+      every: () => () => {},
+      applyLimits: (index, _c, discard) => {
+        limitCalls.push({ index, discard });
+        return discard ? 'request limits: test' : undefined;
+      },
+      sockets,
+      watchKernelLog: (cb) => {
+        onRecord = cb;
+        return { close: () => void (kmsgClosed = true) };
+      },
+    },
+  );
+  await sup.start();
+  assert.equal(sockets.size, 2);
+  // Other devices, other errors: nothing happens.
+  onRecord!('3,1000,5000,-;block nbd4: Other side returned error (108)\n SUBSYSTEM=block');
+  onRecord!('3,1001,5001,-;block nbd3: Other side returned error (5)');
+  assert.deepEqual(fake.shut, []);
+  onRecord!('3,1002,5002,-;block nbd3: Other side returned error (108)\n SUBSYSTEM=block\n DEVICE=b43:96');
+  assert.deepEqual(fake.shut, [50, 51]);
+  assert.deepEqual(fake.closedFds, [50, 51]);
+  onRecord!('3,1003,5003,-;block nbd3: Other side returned error (108)');
+  assert.equal(fake.shut.length, 2, 'the burst of replies ends the connections once');
+  assert.equal(w.logs.filter((l) => /shutting down.*NBD_ESHUTDOWN.*ending 2 connection/.test(l)).length, 1);
+  // The kernel reports both links dead; each is replaced and its new socket kept.
+  k.handler!(3);
+  k.handler!(3);
+  await sup.reconnector.idle();
+  assert.equal(k.reconfigures.length, 2);
+  assert.deepEqual(limitCalls, [
+    { index: 3, discard: false },
+    { index: 3, discard: true },
+    { index: 3, discard: false },
+    { index: 3, discard: true },
+  ]);
+  assert.equal(sockets.size, 2);
+  // A link that dies by itself: the kernel shut its socket down; prune lets go of our copy.
+  fake.finished.add(100);
+  k.handler!(3);
+  await sup.reconnector.idle();
+  assert.ok(fake.closedFds.includes(100));
+  assert.equal(sockets.size, 2);
+  await sup.terminate('SIGTERM');
+  assert.equal(kmsgClosed, true);
+  assert.equal(sockets.size, 0);
+});
+
+test('kernel log records: only "Other side returned error" lines of nbd devices parse', () => {
+  assert.deepEqual(parseServerError('3,1002,5002,-;block nbd12: Other side returned error (108)\n SUBSYSTEM=block'), { index: 12, error: 108 });
+  assert.deepEqual(parseServerError('[  12.3] block nbd0: Other side returned error (22)'), { index: 0, error: 22 });
+  assert.equal(parseServerError('3,1,2,-;block nbd0: Receive control failed (result -32)'), undefined);
+  assert.equal(parseServerError('3,1,2,-;block xnbd0: Other side returned error (108)'), undefined);
+  assert.equal(isShutdownReply(parseServerError('3,1,2,-;block nbd0: Other side returned error (108)'), 0), true);
+  assert.equal(isShutdownReply(parseServerError('3,1,2,-;block nbd0: Other side returned error (108)'), 1), false);
+});
+
+test('hurry (a restarted server is expected): retries at most every 200 ms within the window, then the normal cap', async () => {
+  const w = new World();
+  w.rand = 0.999999;
+  w.script = Array.from({ length: 60 }, refused);
+  const r = new Reconnector(w.deps(), { deadTimeoutMs: 60_000, size: w.size, flags: FLAGS, connections: 1 });
+  r.hurry(5_000);
+  r.linkDead();
+  await r.idle();
+  const start = 1_000_000;
+  let t = start;
+  for (const s of w.sleeps) {
+    if (t + 5 < start + 5_000) assert.ok(s <= RESTART_BACKOFF.maxMs, `sleep ${s} inside the window`);
+    t += s + 5;
+  }
+  assert.ok(w.sleeps.some((s) => s > RESTART_BACKOFF.maxMs), 'after the window the normal backoff applies');
+});
+
+test('idle probe: only after an interval without any request, never while a link is being replaced, one at a time', async () => {
+  let stat = '10 0 80 5 20 0 160 7 0 12 12 0 0 0 0 0 0';
+  let tick: (() => void) | undefined;
+  let up = true;
+  let probes = 0;
+  let release: (() => void) | undefined;
+  const p = startIdleProbe(2000, {
+    readStat: () => stat,
+    probe: () => {
+      probes++;
+      return new Promise<void>((r) => (release = r));
+    },
+    linksUp: () => up,
+    every: (_ms, fn) => {
+      tick = fn;
+      return () => (tick = undefined);
+    },
+  });
+  tick!(); // first look: nothing to compare with
+  assert.equal(probes, 0);
+  stat = '11 0 88 5 20 0 160 7 0 12 12 0 0 0 0 0 0'; // a read completed: busy
+  tick!();
+  assert.equal(probes, 0);
+  up = false;
+  tick!(); // idle, but a connection is being replaced
+  assert.equal(probes, 0);
+  up = true;
+  tick!();
+  assert.equal(probes, 1);
+  tick!(); // the probe is still waiting
+  assert.equal(probes, 1);
+  stat = '12 0 96 5 20 0 160 7 0 12 12 0 0 0 0 0 0'; // the probe's own read
+  release!();
+  await new Promise((r) => setImmediate(r));
+  tick!(); // idle since the probe: probed again
+  assert.equal(probes, 2);
+  release!();
+  await new Promise((r) => setImmediate(r));
+  stat = '12 0 96 5 20 0 160 7 1 12 12 0 0 0 0 0 0'; // one request in flight
+  tick!();
+  assert.equal(probes, 2);
+  p.close();
+  assert.equal(tick, undefined);
+  assert.deepEqual(activityKey('1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17'), { key: '1 5 9 12 16', inFlight: 9 });
 });
