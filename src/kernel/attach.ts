@@ -13,6 +13,7 @@ import { randomUUID } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import createDebug from 'debug';
 import { NbdError } from '../errors.ts';
+import { mark } from '../timing.ts';
 import { TransmissionFlag } from '../protocol/constants.ts';
 import type { Connection } from '../client/negotiate.ts';
 import * as libc from '../../native-bindings/libc.ts';
@@ -322,7 +323,9 @@ export async function attach(opts: AttachOptions): Promise<AttachResult> {
       nl!.close();
       throw e;
     }
+    mark('kernel CONNECT');
     const ok = await waitUsable(index, readyTimeout, roots);
+    mark('device ready');
     if (!ok) {
       kept.forEach(closeQuietly);
       await netlinkDisconnect(nl!, family!, index).catch(() => {});

@@ -6,6 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { type Target, describeEndpoint } from '../address.ts';
 import type { Connection } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
+import { mark, timingLine } from '../timing.ts';
 import { display, oneLine } from '../text.ts';
 import { TransmissionFlag } from '../protocol/constants.ts';
 import { formatByteCount } from '../server/size.ts';
@@ -102,6 +103,7 @@ export async function attachNew(
       ops.close();
       throw e;
     }
+    mark('connect + handshake');
     const info = conns[0]!.info;
     const identifier = opts.identifier ?? randomUUID();
     let r;
@@ -177,6 +179,9 @@ export async function attachNew(
       const log = openLogFile(r.index, [logDir(), runDir()], onDevice(r.index));
       const pid = startSupervisor(r.device, { lockFd: lock.fd, logFd: log.fd, logFile: log.file, keptFds: kept }, { swap: opts.swap, systemdMark: opts.systemdMark });
       rep.ready(`${summary}, connections ${connections}, supervisor pid ${pid}, log ${log.file}`);
+      mark('supervisor started');
+      const t = timingLine();
+      if (t) process.stderr.write(`${t}\n`);
       return 0;
     }
     return supervise(

@@ -7,6 +7,7 @@
 
 import createDebug from 'debug';
 import { NbdError, exitCodeOf } from '../errors.ts';
+import { mark } from '../timing.ts';
 import { type ConnectionSource, localSource, remoteSource } from './source.ts';
 import { RECONNECT_ATTEMPT_TIMEOUT_MS } from './policy.ts';
 import { type Reporter, consoleReporter, pipeReporter } from './reporter.ts';
@@ -23,6 +24,7 @@ export type { AttachSpec, SupervisedAttachOptions } from './spec.ts';
 const debug = createDebug('nbd:supervisor');
 
 export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAttachOptions, notifier?: ServiceNotifier): Promise<void> {
+  mark('loaded');
   if (opts.supervisorChild) {
     const handoff = parseHandoff(process.env[HANDOFF_ENV]);
     delete process.env[HANDOFF_ENV];
