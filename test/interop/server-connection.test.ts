@@ -16,6 +16,7 @@ import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
+import { ENDED_WHILE_PAUSED } from '../../src/server/connection.ts';
 import { PayloadBudget } from '../../src/server/budget.ts';
 import { loadTlsContext } from '../../src/commands/serve.ts';
 import { makePki } from '../lib/servers.ts';
@@ -857,6 +858,50 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     await g.inner.read(0, back);
     assert.deepEqual(back, Buffer.alloc(4096, 0xbb), "the resent write is the last to land");
     await b.c.close();
+  });
+
+  it('a connection paused at its bounds whose client then closed runs none of the requests left unread (kernel resends them elsewhere)', { timeout: TIMEOUT }, async () => {
+    // The kernel's request timeout on a busy connection: the server is paused at maxInFlight with
+    // slow WRITEs running and more requests unread in its socket buffer; the kernel shuts the socket
+    // down (FIN) and resends those requests on another connection. When the slow ones complete,
+    // the unread ones must not be run: they would land after the resent ones.
+    const g = new GatedBackend(1 << 20);
+    const seen: number[] = [];
+    const write = g.write.bind(g);
+    g.write = (offset, data, fua) => {
+      seen.push(offset);
+      return write(offset, data, fua);
+    };
+    const srv = await serve({ exports: [makeExport(g, 'g')], connection: { maxInFlight: 2 } });
+    const { c } = await RawClient.open(srv, 'g');
+    const served = [...srv.connections][0]!;
+    c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(4096, 0xaa));
+    c.send({ type: Cmd.WRITE, cookie: 2n, offset: 4096n }, Buffer.alloc(4096, 0xaa));
+    await g.whenPending(2);
+    // Paused at the bound: these stay unread, then the client shuts its side down.
+    c.send({ type: Cmd.WRITE, cookie: 3n, offset: 8192n }, Buffer.alloc(4096, 0xcc));
+    c.send({ type: Cmd.WRITE, cookie: 4n, offset: 8192n }, Buffer.alloc(4096, 0xdd));
+    c.send({ type: Cmd.DISC });
+    c.socket.end();
+    await new Promise((r) => setTimeout(r, 200)); // the FIN arrives; nothing reads it
+    assert.deepEqual(seen, [0, 4096], 'nothing past the bound was framed while paused');
+    g.release(0);
+    g.release(0);
+    // Let anything the server still starts complete, so that a failure is an assertion, not a hang.
+    let over = false;
+    void served.done.then(() => (over = true));
+    for (let i = 0; i < 100 && !over; i++) {
+      while (g.pending.length > 0) g.release(0);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(over, true, 'the connection ended');
+    assert.deepEqual(seen, [0, 4096], 'the WRITEs left unread when the client closed never reached the backend');
+    const back = Buffer.alloc(4096);
+    await g.inner.read(8192, back);
+    assert.deepEqual(back, Buffer.alloc(4096), 'the block they target is untouched');
+    await g.inner.read(4096, back);
+    assert.deepEqual(back, Buffer.alloc(4096, 0xaa), 'the WRITEs already running completed');
+    assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
   });
 
   it('a server shutdown waits for WRITEs of connections already dropped before flushing and closing the backend', { timeout: TIMEOUT }, async () => {
