@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import tls from 'node:tls';
 import { Duplex } from 'node:stream';
 import { after, describe, it } from 'node:test';
 import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
@@ -94,6 +95,11 @@ class RawClient {
     const greeting = await c.read(18);
     assert.equal(greeting.subarray(0, 16).toString('hex'), '4e42444d4147494349484156454f5054');
     c.socket.write(Buffer.from('00000003', 'hex'));
+    return RawClient.choose(c, name, opts);
+  }
+
+  /** Option haggling after the client flags (e.g. over TLS after STARTTLS): NBD_OPT_GO for `name`. */
+  static async choose(c: RawClient, name: string, opts: { structured?: boolean } = {}): Promise<{ c: RawClient; size: bigint; flags: number }> {
     if (opts.structured) {
       c.socket.write(encodeOption(Opt.STRUCTURED_REPLY));
       const r = await c.optionReply();
@@ -936,6 +942,34 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
       // A closed end also fails the first reply (EPIPE), which may be noticed first.
       if (how === 'end') assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
       else assert.match(served.closeReason ?? '', /^client closed the connection while reading was paused|EPIPE/);
+    });
+  }
+
+  // TLS uses plain stream events whatever userBuffers says: once is enough.
+  if (userBuffers) {
+    it('the same over TLS: the hang-up is asked of the TCP socket under the TLS one', { timeout: TIMEOUT }, async () => {
+      const pkiDir = mkdtempSync(path.join(os.tmpdir(), 'nbd-tls-'));
+      try {
+        const pki = makePki(pkiDir);
+        const g = new RecordingGated(1 << 20);
+        const srv = await serve({ exports: [makeExport(g, 'g')], connection: { maxInFlight: 2, tls: { mode: 'require', context: loadTlsContext(pki) } } });
+        const raw = await RawClient.connect({ port: srv.port! });
+        await raw.read(18);
+        raw.socket.write(Buffer.from('00000003', 'hex'));
+        raw.socket.write(encodeOption(Opt.STARTTLS));
+        assert.equal((await raw.optionReply()).type, Rep.ACK);
+        const secure = tls.connect({ socket: raw.socket, ca: readFileSync(path.join(pki, 'ca-cert.pem')), servername: 'localhost' });
+        await new Promise<void>((resolve, reject) => {
+          secure.once('secureConnect', resolve);
+          secure.once('error', reject);
+        });
+        const { c } = await RawClient.choose(RawClient.wrap(secure), 'g');
+        const served = [...srv.connections][0]!;
+        await closeWhilePaused(g, served, c, () => secure.end());
+        assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
+      } finally {
+        rmSync(pkiDir, { recursive: true, force: true });
+      }
     });
   }
 
