@@ -945,6 +945,38 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     });
   }
 
+  it('a client that sends requests before its GO reply and closes while transmission waits for earlier writes gets none of them run', { timeout: TIMEOUT }, async () => {
+    const g = new RecordingGated(1 << 20);
+    const srv = await serve({ exports: [makeExport(g, 'g')] });
+    const a = await RawClient.open(srv, 'g');
+    const servedA = [...srv.connections][0]!;
+    a.c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(4096, 0xaa));
+    await g.whenPending(1);
+    a.c.socket.destroy(); // A's WRITE still runs: B's transmission waits for it
+    const b = await RawClient.connect({ port: srv.port! });
+    for (let i = 0; i < 100 && srv.connections.size < 2; i++) await new Promise((r) => setTimeout(r, 5));
+    const servedB = [...srv.connections].find((s) => s !== servedA)!;
+    await b.read(18);
+    b.socket.write(Buffer.from('00000003', 'hex'));
+    b.socket.write(encodeOption(Opt.GO, encodeInfoRequest('g', [])));
+    b.send({ type: Cmd.WRITE, cookie: 2n, offset: 8192n }, Buffer.alloc(4096, 0xcc)); // not waiting for the reply
+    b.socket.end();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.notEqual(servedB.phase, 'transmission', 'B waits for A');
+    g.release(0);
+    let over = false;
+    void servedB.done.then(() => (over = true));
+    for (let i = 0; i < 100 && !over; i++) {
+      while (g.pending.length > 0) g.release(0);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(over, true, 'B ended');
+    assert.deepEqual(g.writes, [0], "B's WRITE never reached the backend");
+    // Through 'data' events Node may report the end at once (nothing unread): B then ends as closed.
+    if (userBuffers) assert.equal(servedB.closeReason, ENDED_WHILE_PAUSED);
+    await servedA.done;
+  });
+
   // TLS uses plain stream events whatever userBuffers says: once is enough.
   if (userBuffers) {
     it('the same over TLS: the hang-up is asked of the TCP socket under the TLS one', { timeout: TIMEOUT }, async () => {
