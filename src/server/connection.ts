@@ -9,7 +9,9 @@
 // is written when its request completes (completion order, proto.md "Transmission"). Memory is
 // bounded: at most `maxInFlight` requests and `maxInFlightBytes` payload bytes per connection, and
 // the process's budget for all together, are held (counted until the reply has left the socket);
-// past a bound the socket is paused and framing stops until replies drain. A protocol violation (bad
+// past a bound the socket is paused and framing stops until replies drain. A paused socket is not
+// read, so before framing resumes the socket is asked whether the client has ended it meanwhile; if
+// so nothing it sent that was not framed yet is run (resumeFraming). A protocol violation (bad
 // request magic) closes this connection only.
 
 import type net from 'node:net';
@@ -26,7 +28,7 @@ import { ServerHandshake, type TlsMode } from './handshake.ts';
 import { INLINE_WRITE_MAX_BYTES } from './inline-io.ts';
 import { OK, RequestReader, checkRequest, discardedWriteVerdict, wireErrorOf, type ExportLimits, type Incoming } from './requests.ts';
 import { ARENA_READ_MAX, ReplySender } from './replies.ts';
-import { adoptWithUserBuffers, peerVerificationError } from './socket-edge.ts';
+import { adoptWithUserBuffers, peerHasEnded, peerVerificationError } from './socket-edge.ts';
 
 const log = createDebug('nbd:server');
 
@@ -55,6 +57,8 @@ const SMALL_READ = 4096;
 const BIG_WRITE = 64 * 1024;
 /** WRITEs longer than this are received straight into the export's storage when it offers it (placeWrite). */
 const PLACE_MIN_EXCLUSIVE = INLINE_WRITE_MAX_BYTES;
+/** Why a connection ended when its client closed it while framing was paused (resumeFraming). */
+export const ENDED_WHILE_PAUSED = 'client closed the connection while reading was paused; requests not yet started were not run';
 
 export interface ConnectionOptions {
   /** Requests executing or waiting for their reply to be written (default 64). */
@@ -161,6 +165,11 @@ class Connection implements ServedConnection {
   /** Large WRITEs for the pool, sent at the end of this loop turn (queueWrite). */
   private queuedWrites: { req: Request; payload: Buffer; cost: number; op: number }[] = [];
   private readonly userBuffers: boolean;
+  /** The socket was found live in this loop turn (endedWhilePaused). */
+  private liveThisTurn = false;
+  private readonly forgetLive = (): void => {
+    this.liveThisTurn = false;
+  };
 
   constructor(
     socket: Duplex,
@@ -350,7 +359,7 @@ class Connection implements ServedConnection {
     this.entering = true;
     this.pause();
     const activity = activityOf(n.export.backend);
-    const go = (): void => {
+    const go = (waited: boolean): void => {
       this.entering = false;
       if (this.phase !== 'handshake' || this.socketClosed) return; // shut down or closed meanwhile
       this.out.send(reply);
@@ -373,15 +382,17 @@ class Connection implements ServedConnection {
       this.phase = 'transmission';
       log('transmission: export %j structured=%s', n.export.name, n.structured);
       if (this.shuttingDown) this.beginTransmissionShutdown();
+      // While we waited the socket was not read: a client that closed it meanwhile gets nothing run.
+      if (waited && this.endedWhilePaused()) return;
       if (n.leftover.length > 0) this.reader.push(n.leftover);
       for (const c of this.early.splice(0)) this.reader.push(c);
       this.pump();
       if (!this.stopReading && !this.paused) this.socket.resume();
     };
-    if (activity.inProgress === 0) go();
+    if (activity.inProgress === 0) go(false);
     else {
       log('waiting for %d storage operation(s) of earlier connections before transmission', activity.inProgress);
-      void activity.barrier().then(go);
+      void activity.barrier().then(() => go(true));
     }
   }
 
@@ -438,9 +449,42 @@ class Connection implements ServedConnection {
     if (!this.stopReading) this.resume();
   }
 
-  private readonly onBudget = (): void => {
-    if (this.paused && !this.stopReading) this.pump();
-  };
+  private readonly onBudget = (): void => this.resumeFraming();
+
+  /**
+   * Framing restarts after a pause (bounds, budget). The paused socket was not read, so a client
+   * that closed it meanwhile has not been noticed: what it sent is still in our reader and the
+   * socket buffer, and the kernel's nbd driver resends such requests on another connection after
+   * its request timeout (drivers/block/nbd.c nbd_xmit_timeout: nbd_mark_nsock_dead shuts the socket
+   * down, nbd_requeue_cmd). Ask the socket before framing any of it.
+   */
+  private resumeFraming(): void {
+    if (!this.paused || this.stopReading) return;
+    if (this.endedWhilePaused()) return;
+    this.pump();
+  }
+
+  /**
+   * The client has ended the socket while we were not reading it: end like onPeerEnd (requests
+   * already dispatched complete), and run nothing not yet framed, NBD_CMD_DISC among it or not
+   * (docs/decisions.md "connection lifecycle"). False (nothing done) when the socket is live or
+   * cannot be asked (a stream without a descriptor). Asked at most once per loop turn: a connection
+   * held at its bound resumes on nearly every reply (≈2 µs a poll through koffi on the host). An end
+   * that arrives later in the turn is seen at the next resume; a client that resends elsewhere must
+   * first negotiate a new connection, which takes round trips (several turns).
+   */
+  private endedWhilePaused(): boolean {
+    if (this.liveThisTurn) return false;
+    if (!peerHasEnded(this.socket)) {
+      this.liveThisTurn = true;
+      setImmediate(this.forgetLive);
+      return false;
+    }
+    log('the client ended the connection while framing was paused: its unframed requests are not run');
+    this.closeReason ??= ENDED_WHILE_PAUSED;
+    this.onPeerEnd();
+    return true;
+  }
 
   private pause(): void {
     if (!this.paused) {
@@ -647,7 +691,7 @@ class Connection implements ServedConnection {
     this.inFlight--;
     this.inFlightBytes -= cost;
     this.budget.give(cost);
-    if (this.paused && !this.stopReading) this.pump();
+    this.resumeFraming();
     this.maybeFinish();
   }
 

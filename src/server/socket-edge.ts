@@ -1,10 +1,14 @@
 // The socket edge of a server connection: how an accepted socket is taken over so that reads land in
-// buffers we choose, and what a STARTTLS socket says about the client's certificate. Sockets only;
-// no protocol.
+// buffers we choose, what a STARTTLS socket says about the client's certificate, and whether the
+// peer has ended a socket we are not reading. Sockets only; no protocol.
 
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type tls from 'node:tls';
+import createDebug from 'debug';
+import * as libc from '../../native-bindings/libc.ts';
+
+const log = createDebug('nbd:server');
 
 export type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void };
 type HandleSocket = net.Socket & { _handle?: { useUserBuffer?: unknown } | null };
@@ -40,4 +44,35 @@ export function peerVerificationError(secure: tls.TLSSocket): string | undefined
   if (Object.keys(secure.getPeerCertificate()).length === 0) return 'none presented';
   const err = handle.verifyError();
   return err ? ((err as Error & { code?: string }).code ?? err.message) : undefined;
+}
+
+type FdCarrier = { _handle?: { fd?: unknown } | null; _parent?: FdCarrier | null };
+
+/**
+ * The descriptor under a stream: a net.Socket's handle (TCP or Unix), or for a TLSSocket the socket
+ * it wraps. Undefined for other streams (tests' Duplexes) or when Node does not expose it.
+ */
+export function socketFd(sock: Duplex): number | undefined {
+  for (let s: FdCarrier | null | undefined = sock as unknown as FdCarrier, depth = 0; s && depth < 4; s = s._parent, depth++) {
+    const fd = s._handle?.fd;
+    if (typeof fd === 'number' && fd >= 0) return fd;
+  }
+  return undefined;
+}
+
+/**
+ * Whether the peer of a socket we are not reading has ended it (shut down its side, reset, or the
+ * kernel's nbd driver shut the link down), asked without reading (libc.socketEnded: poll with no
+ * wait). False when the stream has no descriptor or the question cannot be asked: the caller then
+ * behaves as it did without the check.
+ */
+export function peerHasEnded(sock: Duplex): boolean {
+  const fd = socketFd(sock);
+  if (fd === undefined) return false;
+  try {
+    return libc.socketEnded(fd);
+  } catch (err) {
+    log('cannot poll socket %d for a hang-up: %s', fd, (err as Error).message);
+    return false;
+  }
 }

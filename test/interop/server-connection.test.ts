@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import tls from 'node:tls';
 import { Duplex } from 'node:stream';
 import { after, describe, it } from 'node:test';
 import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
@@ -16,6 +17,8 @@ import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
+import { ENDED_WHILE_PAUSED } from '../../src/server/connection.ts';
+import { socketPair } from '../../src/socket-pair.ts';
 import { PayloadBudget } from '../../src/server/budget.ts';
 import { loadTlsContext } from '../../src/commands/serve.ts';
 import { makePki } from '../lib/servers.ts';
@@ -79,10 +82,24 @@ class RawClient {
 
   /** Connect and negotiate `name` with NBD_OPT_GO; returns the transmission flags and size. */
   static async open(srv: RunningServer, name: string, opts: { structured?: boolean } = {}): Promise<{ c: RawClient; size: bigint; flags: number }> {
-    const c = await RawClient.connect({ port: srv.port! });
+    return RawClient.negotiate(await RawClient.connect({ port: srv.port! }), name, opts);
+  }
+
+  /** A client on a socket already connected (one end of a socketpair). */
+  static wrap(socket: net.Socket): RawClient {
+    return new RawClient(socket);
+  }
+
+  /** Negotiate `name` with NBD_OPT_GO on a fresh connection; returns the transmission flags and size. */
+  static async negotiate(c: RawClient, name: string, opts: { structured?: boolean } = {}): Promise<{ c: RawClient; size: bigint; flags: number }> {
     const greeting = await c.read(18);
     assert.equal(greeting.subarray(0, 16).toString('hex'), '4e42444d4147494349484156454f5054');
     c.socket.write(Buffer.from('00000003', 'hex'));
+    return RawClient.choose(c, name, opts);
+  }
+
+  /** Option haggling after the client flags (e.g. over TLS after STARTTLS): NBD_OPT_GO for `name`. */
+  static async choose(c: RawClient, name: string, opts: { structured?: boolean } = {}): Promise<{ c: RawClient; size: bigint; flags: number }> {
     if (opts.structured) {
       c.socket.write(encodeOption(Opt.STRUCTURED_REPLY));
       const r = await c.optionReply();
@@ -235,6 +252,49 @@ class GatedBackend implements Backend {
     this.flushes++;
   }
   async close(): Promise<void> {}
+}
+
+/** A gated backend that records the offset of every WRITE it is asked for. */
+class RecordingGated extends GatedBackend {
+  readonly writes: number[] = [];
+  override write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    this.writes.push(offset);
+    return super.write(offset, data, fua);
+  }
+}
+
+/**
+ * Pause `served` at its bound of 2 with two slow WRITEs, send two more WRITEs to block 8192 and
+ * NBD_CMD_DISC behind them, `close` the client, then let the slow ones complete: the unread WRITEs
+ * must never reach the backend, and the connection must end.
+ */
+async function closeWhilePaused(g: RecordingGated, served: ServedConnection, c: RawClient, close: () => void): Promise<void> {
+  c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(4096, 0xaa));
+  c.send({ type: Cmd.WRITE, cookie: 2n, offset: 4096n }, Buffer.alloc(4096, 0xaa));
+  await g.whenPending(2);
+  // Paused at the bound: these stay unread; then the client goes.
+  c.send({ type: Cmd.WRITE, cookie: 3n, offset: 8192n }, Buffer.alloc(4096, 0xcc));
+  c.send({ type: Cmd.WRITE, cookie: 4n, offset: 8192n }, Buffer.alloc(4096, 0xdd));
+  c.send({ type: Cmd.DISC });
+  close();
+  await new Promise((r) => setTimeout(r, 200)); // the hang-up arrives; nothing reads it
+  assert.deepEqual(g.writes, [0, 4096], 'nothing past the bound was framed while paused');
+  g.release(0);
+  g.release(0);
+  // Let anything the server still starts complete, so that a failure is an assertion, not a hang.
+  let over = false;
+  void served.done.then(() => (over = true));
+  for (let i = 0; i < 100 && !over; i++) {
+    while (g.pending.length > 0) g.release(0);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.equal(over, true, 'the connection ended');
+  assert.deepEqual(g.writes, [0, 4096], 'the WRITEs left unread when the client went never reached the backend');
+  const back = Buffer.alloc(4096);
+  await g.inner.read(8192, back);
+  assert.deepEqual(back, Buffer.alloc(4096), 'the block they target is untouched');
+  await g.inner.read(4096, back);
+  assert.deepEqual(back, Buffer.alloc(4096, 0xaa), 'the WRITEs already running completed');
 }
 
 const servers: RunningServer[] = [];
@@ -858,6 +918,92 @@ for (const userBuffers of [true, false]) describe(`server transmission over loop
     assert.deepEqual(back, Buffer.alloc(4096, 0xbb), "the resent write is the last to land");
     await b.c.close();
   });
+
+  it('a connection paused at its bounds whose client then closed runs none of the requests left unread (kernel resends them elsewhere)', { timeout: TIMEOUT }, async () => {
+    // The kernel's request timeout on a busy connection: the server is paused at maxInFlight with
+    // slow WRITEs running and more requests unread in its socket buffer; the kernel shuts the socket
+    // down (FIN) and resends those requests on another connection. When the slow ones complete,
+    // the unread ones must not be run: they would land after the resent ones.
+    const g = new RecordingGated(1 << 20);
+    const srv = await serve({ exports: [makeExport(g, 'g')], connection: { maxInFlight: 2 } });
+    const { c } = await RawClient.open(srv, 'g');
+    const served = [...srv.connections][0]!;
+    await closeWhilePaused(g, served, c, () => c.socket.end());
+    assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
+  });
+
+  for (const how of ['end', 'destroy'] as const) {
+    it(`the same over a socketpair, the client ${how === 'end' ? 'shutting its side down' : 'closing its end'}`, { timeout: TIMEOUT }, async () => {
+      const g = new RecordingGated(1 << 20);
+      const [mine, theirs] = socketPair();
+      const served = serveConnection(mine, [makeExport(g, 'g')], { ...conn, maxInFlight: 2 });
+      const { c } = await RawClient.negotiate(RawClient.wrap(theirs), 'g');
+      await closeWhilePaused(g, served, c, () => (how === 'end' ? theirs.end() : theirs.destroy()));
+      // A closed end also fails the first reply (EPIPE), which may be noticed first.
+      if (how === 'end') assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
+      else assert.match(served.closeReason ?? '', /^client closed the connection while reading was paused|EPIPE/);
+    });
+  }
+
+  it('a client that sends requests before its GO reply and closes while transmission waits for earlier writes gets none of them run', { timeout: TIMEOUT }, async () => {
+    const g = new RecordingGated(1 << 20);
+    const srv = await serve({ exports: [makeExport(g, 'g')] });
+    const a = await RawClient.open(srv, 'g');
+    const servedA = [...srv.connections][0]!;
+    a.c.send({ type: Cmd.WRITE, cookie: 1n, offset: 0n }, Buffer.alloc(4096, 0xaa));
+    await g.whenPending(1);
+    a.c.socket.destroy(); // A's WRITE still runs: B's transmission waits for it
+    const b = await RawClient.connect({ port: srv.port! });
+    for (let i = 0; i < 100 && srv.connections.size < 2; i++) await new Promise((r) => setTimeout(r, 5));
+    const servedB = [...srv.connections].find((s) => s !== servedA)!;
+    await b.read(18);
+    b.socket.write(Buffer.from('00000003', 'hex'));
+    b.socket.write(encodeOption(Opt.GO, encodeInfoRequest('g', [])));
+    b.send({ type: Cmd.WRITE, cookie: 2n, offset: 8192n }, Buffer.alloc(4096, 0xcc)); // not waiting for the reply
+    b.socket.end();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.notEqual(servedB.phase, 'transmission', 'B waits for A');
+    g.release(0);
+    let over = false;
+    void servedB.done.then(() => (over = true));
+    for (let i = 0; i < 100 && !over; i++) {
+      while (g.pending.length > 0) g.release(0);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(over, true, 'B ended');
+    assert.deepEqual(g.writes, [0], "B's WRITE never reached the backend");
+    // Through 'data' events Node may report the end at once (nothing unread): B then ends as closed.
+    if (userBuffers) assert.equal(servedB.closeReason, ENDED_WHILE_PAUSED);
+    await servedA.done;
+  });
+
+  // TLS uses plain stream events whatever userBuffers says: once is enough.
+  if (userBuffers) {
+    it('the same over TLS: the hang-up is asked of the TCP socket under the TLS one', { timeout: TIMEOUT }, async () => {
+      const pkiDir = mkdtempSync(path.join(os.tmpdir(), 'nbd-tls-'));
+      try {
+        const pki = makePki(pkiDir);
+        const g = new RecordingGated(1 << 20);
+        const srv = await serve({ exports: [makeExport(g, 'g')], connection: { maxInFlight: 2, tls: { mode: 'require', context: loadTlsContext(pki) } } });
+        const raw = await RawClient.connect({ port: srv.port! });
+        await raw.read(18);
+        raw.socket.write(Buffer.from('00000003', 'hex'));
+        raw.socket.write(encodeOption(Opt.STARTTLS));
+        assert.equal((await raw.optionReply()).type, Rep.ACK);
+        const secure = tls.connect({ socket: raw.socket, ca: readFileSync(path.join(pki, 'ca-cert.pem')), servername: 'localhost' });
+        await new Promise<void>((resolve, reject) => {
+          secure.once('secureConnect', resolve);
+          secure.once('error', reject);
+        });
+        const { c } = await RawClient.choose(RawClient.wrap(secure), 'g');
+        const served = [...srv.connections][0]!;
+        await closeWhilePaused(g, served, c, () => secure.end());
+        assert.equal(served.closeReason, ENDED_WHILE_PAUSED);
+      } finally {
+        rmSync(pkiDir, { recursive: true, force: true });
+      }
+    });
+  }
 
   it('a server shutdown waits for WRITEs of connections already dropped before flushing and closing the backend', { timeout: TIMEOUT }, async () => {
     const g = new GatedBackend(1 << 20);
