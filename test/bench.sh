@@ -4,8 +4,20 @@
 # (section names, comma-separated) runs only some sections; BENCH_SERVER_REPS (default 5) repeats
 # the server comparison (medians), after BENCH_SERVER_WARM (default 12) seconds of warm-up per job;
 # the comparison runs twice (BENCH_ONLY=server runs both): image on tmpfs, then on ext4.
+# At the end docs/benchmarks.md gets the run's date, machine, versions and ratios (test/bench/report.ts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error
-exec test/vm/run.sh --timeout 3000 --env "BENCH_REPS=${BENCH_REPS:-5}" --env "BENCH_FIO_SECONDS=${BENCH_FIO_SECONDS:-5}" --env "BENCH_SERVER_WARM=${BENCH_SERVER_WARM:-12}" --env "BENCH_ONLY=${BENCH_ONLY:-}" --env "BENCH_SERVER_REPS=${BENCH_SERVER_REPS:-5}" \
-  -- node --import tsx test/bench/bench.ts
+# The guest's checkout is read-only: the results come back through the VM's control share
+# (run.sh --out) and test/bench/report.ts rewrites docs/benchmarks.md here, on the host.
+OUT="$(mktemp -d "${TMPDIR:-/tmp}/nbd-bench.XXXXXX")"
+trap 'rm -rf "$OUT"' EXIT
+status=0
+test/vm/run.sh --timeout 3000 --out "$OUT" --env "BENCH_REPS=${BENCH_REPS:-5}" --env "BENCH_FIO_SECONDS=${BENCH_FIO_SECONDS:-5}" --env "BENCH_SERVER_WARM=${BENCH_SERVER_WARM:-12}" --env "BENCH_ONLY=${BENCH_ONLY:-}" --env "BENCH_SERVER_REPS=${BENCH_SERVER_REPS:-5}" \
+  -- node --import tsx test/bench/bench.ts || status=$?
+if [ -f "$OUT/bench-results.json" ]; then
+  node --import tsx test/bench/report.ts "$OUT/bench-results.json" docs/benchmarks.md || echo "bench: docs/benchmarks.md not written" >&2
+else
+  echo "bench: the run left no results: docs/benchmarks.md unchanged" >&2
+fi
+exit "$status"

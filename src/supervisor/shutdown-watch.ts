@@ -9,7 +9,7 @@
 // "3,SEQ,USEC,-;block nbdN: Other side returned error (108)". On that line we shut down (shutdown(2),
 // SHUT_RDWR) our duplicates of the device's sockets: the kernel's receiver sees the end of the
 // stream, marks the link dead (LINK_DEAD) and requeues, and the reconnect path takes over. Why kmsg and
-// kept duplicates: docs/decisions.md "A graceful server restart".
+// kept duplicates: docs/decisions.md "Graceful server restart".
 
 import fs from 'node:fs';
 import createDebug from 'debug';

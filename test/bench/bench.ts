@@ -14,6 +14,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, startOurServer, tmpDir, tmpFile, waitFor, cleanup, type ServerHandle } from '../kernel/lib.ts';
 import { makePki } from '../lib/servers.ts';
+import { writeBenchResults } from './report.ts';
 
 requireGuest();
 const CLI = join(process.cwd(), 'bin/nbd-attach.js');
@@ -335,5 +336,6 @@ for (const [name, fn] of sections) {
 }
 await cleanup();
 writeFileSync('/tmp/bench-results.txt', results.join('\n'));
+writeBenchResults(results); // docs/benchmarks.md, written on the host by test/bench.sh
 process.stdout.write(`\n=== benchmark summary ===\n${results.join('\n')}\n`);
 process.exitCode = failed ? 1 : 0;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one command as root inside a throwaway VM with Debian's stock kernel (see README.md).
 #
-#   test/vm/run.sh [--timeout SECONDS] [--mem MB] [--env NAME=VALUE]... -- COMMAND [ARG...]
+#   test/vm/run.sh [--timeout SECONDS] [--mem MB] [--env NAME=VALUE]... [--out DIR] -- COMMAND [ARG...]
 #
 # Boots qemu (software emulation) once with the host root shared read-only over 9p, runs
 # COMMAND in the guest as root with the current directory (read-only) as its cwd, streams the
@@ -9,6 +9,8 @@
 # it kills qemu and exits 124. Exit 125: the VM broke before reporting a status.
 # DEBUG, CI, NO_COLOR and FORCE_COLOR are passed through; add others with --env.
 # VM_APPEND adds options to the guest kernel's command line (e.g. VM_APPEND=tsc=reliable).
+# --out DIR: files the command writes to $NBD_VM_OUT (in the writable control share) are copied
+# to DIR on the host when the VM stops, whatever the exit status.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,8 +19,9 @@ FORMAT=1   # must match test/vm/setup.sh
 TIMEOUT=1200
 MEM=2048
 ENVS=()
+OUT=""
 
-usage() { sed -n '2,11p' "$0"; }
+usage() { sed -n '2,13p' "$0"; }
 die() { printf 'vm-run: %s\n' "$*" >&2; exit 125; }
 
 while [ $# -gt 0 ]; do
@@ -29,6 +32,8 @@ while [ $# -gt 0 ]; do
     --mem=*) MEM="${1#*=}"; shift ;;
     --env) ENVS+=("${2:?--env needs NAME=VALUE}"); shift 2 ;;
     --env=*) ENVS+=("${1#*=}"); shift ;;
+    --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    --out=*) OUT="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) usage >&2; die "unknown argument '$1' (put the command after --)" ;;
@@ -74,12 +79,16 @@ SLEEP_PID=""
 cleanup() { # must not fail: under set -e a failing command here would replace the exit status
   if [ -n "$QEMU_PID" ]; then kill -KILL "$QEMU_PID" 2>/dev/null || true; fi
   if [ -n "$SLEEP_PID" ]; then kill "$SLEEP_PID" 2>/dev/null || true; fi
+  if [ -n "$OUT" ] && [ -d "$CTL/out" ]; then
+    { mkdir -p "$OUT" && cp -R "$CTL/out/." "$OUT/"; } || echo "vm-run: could not copy the command's output to $OUT" >&2
+  fi
   rm -rf "$CTL" || true
 }
 trap cleanup EXIT
 trap 'echo "vm-run: interrupted: stopping the VM" >&2; exit 130' INT TERM
 
 cp "$HERE/guest-stage2.sh" "$CTL/stage2.sh"
+[ -z "$OUT" ] || mkdir "$CTL/out"
 {
   printf 'NBDVM_CWD=%q\n' "$CWD"
   printf 'NBDVM_GUEST_TIMEOUT=%q\n' "$GUEST_TIMEOUT"
@@ -91,6 +100,7 @@ cp "$HERE/guest-stage2.sh" "$CTL/stage2.sh"
   echo 'export HOME=/tmp TMPDIR=/tmp TERM=dumb LANG=C.UTF-8 USER=root LOGNAME=root'
   echo 'export NBD_VM_GUEST=1 NBD_VM_KERNEL_ROOT=/run/nbd-vm/kroot'
   printf 'export NBD_VM_KERNEL_VERSION=%q\n' "$KVER"
+  [ -z "$OUT" ] || echo 'export NBD_VM_OUT=/run/nbd-vm/ctl/out'
   for e in "${ENVS[@]}"; do printf 'export %q\n' "$e"; done
   printf 'cd -- %q || exit 125\n' "$CWD"
   printf 'exec'; printf ' %q' "$@"; printf '\n'
