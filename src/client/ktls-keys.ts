@@ -5,7 +5,7 @@
 // record was sealed under a given key and sequence number (AEAD), and the `struct tls12_crypto_info_*`
 // the kernel takes with setsockopt(SOL_TLS, TLS_TX/TLS_RX) (include/uapi/linux/tls.h). No sockets here.
 
-import { createDecipheriv, createHmac } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac } from 'node:crypto';
 
 /** include/uapi/linux/tls.h: TLS_1_2_VERSION, TLS_1_3_VERSION (major << 8 | minor). */
 export const TLS_1_2_VERSION = 0x0303;
@@ -140,45 +140,71 @@ function xorNonce(iv: Uint8Array, seq: bigint): Buffer {
   return n;
 }
 
+type Aead = {
+  setAAD(b: Buffer, o?: unknown): void;
+  setAuthTag(b: Buffer): void;
+  getAuthTag(): Buffer;
+  update(b: Buffer): Buffer;
+  final(): Buffer;
+};
+
+/** Nonce and additional data of record `seq` (RFC 8446 section 5.2; RFC 5246 section 6.2.3.3, RFC 5288, RFC 7905). */
+function recordAead(s: Suite, keys: DirectionKeys, seq: bigint, header: Buffer, explicitNonce: Buffer | undefined, plainLength: number): { nonce: Buffer; aad: Buffer } {
+  if (s.version === TLS_1_3_VERSION) return { nonce: xorNonce(keys.iv, seq), aad: header };
+  const nonce = explicitNonce ? Buffer.concat([keys.iv, explicitNonce]) : xorNonce(keys.iv, seq);
+  return { nonce, aad: Buffer.concat([seqBytes(seq), header.subarray(0, 3), Buffer.from([plainLength >> 8, plainLength & 0xff])]) };
+}
+
+/** Bytes of explicit nonce at the start of a record body: 8 for TLS 1.2 AES-GCM, else none. */
+function explicitLength(s: Suite): number {
+  return s.version !== TLS_1_3_VERSION && s.aead !== 'chacha20-poly1305' ? 8 : 0;
+}
+
 /**
- * True when `record` (5-byte header and body, as on the wire) authenticates under `keys` as record
- * number `seq`: the one test that says which key sealed a record and where its direction's count stands.
+ * Open record number `seq` (header and body, as on the wire) under `keys`: its content type and
+ * plaintext (TLS 1.3: the inner type, padding removed), or undefined when it does not authenticate.
  */
-export function opens(s: Suite, keys: DirectionKeys, seq: bigint, record: Uint8Array): boolean {
+export function openRecord(s: Suite, keys: DirectionKeys, seq: bigint, record: Uint8Array): { type: number; plaintext: Buffer } | undefined {
   const header = Buffer.from(record.subarray(0, 5));
   const body = Buffer.from(record.subarray(5));
-  let nonce: Buffer;
-  let aad: Buffer;
-  let sealed: Buffer;
-  if (s.version === TLS_1_3_VERSION) {
-    if (body.length < TAG + 1) return false;
-    nonce = xorNonce(keys.iv, seq);
-    aad = header; // RFC 8446 section 5.2: the record header is the additional data
-    sealed = body;
-  } else {
-    // RFC 5246 section 6.2.3.3: additional data = seq_num + type + version + length of the plaintext.
-    const explicit = s.aead === 'chacha20-poly1305' ? 0 : 8;
-    if (body.length < explicit + TAG) return false;
-    nonce = explicit ? Buffer.concat([keys.iv, body.subarray(0, 8)]) : xorNonce(keys.iv, seq);
-    sealed = body.subarray(explicit);
-    const len = sealed.length - TAG;
-    aad = Buffer.concat([seqBytes(seq), header.subarray(0, 3), Buffer.from([len >> 8, len & 0xff])]);
-  }
+  const ex = explicitLength(s);
+  if (body.length < ex + TAG + (s.version === TLS_1_3_VERSION ? 1 : 0)) return undefined;
+  const sealed = body.subarray(ex, body.length - TAG);
+  const { nonce, aad } = recordAead(s, keys, seq, header, ex ? body.subarray(0, ex) : undefined, sealed.length);
+  let plain: Buffer;
   try {
-    const d = createDecipheriv(s.aead, keys.key, nonce, { authTagLength: TAG } as never) as unknown as {
-      setAAD(b: Buffer, o?: unknown): void;
-      setAuthTag(b: Buffer): void;
-      update(b: Buffer): Buffer;
-      final(): Buffer;
-    };
-    d.setAAD(aad, { plaintextLength: sealed.length - TAG });
-    d.setAuthTag(sealed.subarray(sealed.length - TAG));
-    d.update(sealed.subarray(0, sealed.length - TAG));
-    d.final();
-    return true;
+    const d = createDecipheriv(s.aead, keys.key, nonce, { authTagLength: TAG } as never) as unknown as Aead;
+    d.setAAD(aad, { plaintextLength: sealed.length });
+    d.setAuthTag(body.subarray(body.length - TAG));
+    plain = Buffer.concat([d.update(sealed), d.final()]);
   } catch {
-    return false;
+    return undefined;
   }
+  if (s.version !== TLS_1_3_VERSION) return { type: header[0]!, plaintext: plain };
+  let end = plain.length - 1;
+  while (end >= 0 && plain[end] === 0) end--; // RFC 8446 section 5.4: zero padding after the type
+  if (end < 0) return undefined;
+  return { type: plain[end]!, plaintext: plain.subarray(0, end) };
+}
+
+/** True when `record` authenticates under `keys` as record number `seq`: which key sealed it, and where its direction's count stands. */
+export function opens(s: Suite, keys: DirectionKeys, seq: bigint, record: Uint8Array): boolean {
+  return openRecord(s, keys, seq, record) !== undefined;
+}
+
+/** Seal `plaintext` as record number `seq` of `type` (what the kernel does on transmit; for tests and checks). */
+export function sealRecord(s: Suite, keys: DirectionKeys, seq: bigint, type: number, plaintext: Uint8Array): Buffer {
+  const ex = explicitLength(s);
+  const inner = s.version === TLS_1_3_VERSION ? Buffer.concat([plaintext, Buffer.of(type)]) : Buffer.from(plaintext);
+  const outerType = s.version === TLS_1_3_VERSION ? ContentType.APPLICATION_DATA : type;
+  const bodyLength = ex + inner.length + TAG;
+  const header = Buffer.from([outerType, 3, 3, bodyLength >> 8, bodyLength & 0xff]);
+  const explicit = ex ? seqBytes(seq) : undefined;
+  const { nonce, aad } = recordAead(s, keys, seq, header, explicit, inner.length);
+  const c = createCipheriv(s.aead, keys.key, nonce, { authTagLength: TAG } as never) as unknown as Aead;
+  c.setAAD(aad, { plaintextLength: inner.length });
+  const ct = Buffer.concat([c.update(inner), c.final()]);
+  return Buffer.concat([header, explicit ?? Buffer.alloc(0), ct, c.getAuthTag()]);
 }
 
 /**

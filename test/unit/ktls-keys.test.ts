@@ -12,8 +12,10 @@ import {
   cryptoInfo,
   hkdfExpandLabel,
   nextSequence,
+  openRecord,
   opens,
   parseKeylogLine,
+  sealRecord,
   serverHelloRandom,
   suiteFor,
   tls12Keys,
@@ -161,4 +163,18 @@ test('ServerHello random and key log lines', () => {
   assert.equal(line?.label, 'CLIENT_RANDOM');
   assert.equal(line?.secret.length, 48);
   assert.equal(parseKeylogLine(Buffer.from('# comment')), undefined);
+});
+
+test('seal and open: RFC 8448 client record 0 sealed byte for byte; TLS 1.2 and ChaCha round trips', () => {
+  const c = tls13Keys(aes128, clientApSecret);
+  const payload = Buffer.from(Array.from({ length: 50 }, (_, i) => i));
+  assert.deepEqual(sealRecord(aes128, c, 0n, 23, payload), clientRecord0);
+  assert.deepEqual(openRecord(aes128, tls13Keys(aes128, serverApSecret), 1n, serverRecord1), { type: 23, plaintext: payload });
+  for (const [proto, name] of [['TLSv1.2', 'TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384'], ['TLSv1.2', 'TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256'], ['TLSv1.3', 'TLS_CHACHA20_POLY1305_SHA256']] as const) {
+    const s = suiteFor(proto, name) as Suite;
+    const k = s.version === TLS_1_2_VERSION ? tls12Keys(s, Buffer.alloc(48, 5), Buffer.alloc(32, 6), Buffer.alloc(32, 7)).server : tls13Keys(s, serverApSecret);
+    const r = sealRecord(s, k, 77n, 23, Buffer.from('hello'));
+    assert.equal(openRecord(s, k, 77n, r)?.plaintext.toString(), 'hello', name);
+    assert.equal(openRecord(s, k, 78n, r), undefined, name);
+  }
 });
