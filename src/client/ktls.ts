@@ -117,7 +117,7 @@ class RecordTap extends Duplex {
     if (!this.detached) this.tcp.destroy(err ?? undefined);
     cb(err);
   }
-  /** Stop passing bytes: the TCP socket is left paused, not reading, with its listeners gone. */
+  /** Stop passing bytes: the TCP socket is left paused (as a plain connection is), with its listeners gone. */
   detach(): void {
     this.detached = true;
     this.tcp.off('data', this.onData);
@@ -125,7 +125,6 @@ class RecordTap extends Duplex {
     this.tcp.off('error', this.onError);
     this.tcp.off('close', this.onClose);
     this.tcp.pause();
-    (this.tcp as unknown as { _handle?: { readStop?: () => number } | null })._handle?.readStop?.();
   }
 }
 
@@ -154,9 +153,13 @@ function describeSuite(s: Suite): string {
  * wire (no close_notify: the connection goes on in the kernel). Or, untouched, why the kernel cannot
  * take this connection (a suite it lacks, a key change, a count that does not check out).
  */
-export function kernelTlsHandoff(secure: tls.TLSSocket): { socket: net.Socket; params: KernelTlsParams } | { refused: string } {
+export async function kernelTlsHandoff(secure: tls.TLSSocket): Promise<{ socket: net.Socket; params: KernelTlsParams } | { refused: string }> {
   const tap = taps.get(secure);
   if (!tap) return { refused: 'the TLS connection was not set up for kernel TLS' };
+  // The last option went out before its reply came in, but node:tls (over a JS stream) may not have
+  // completed its write yet: wait for every layer to be empty, briefly.
+  const unsent = (): number => secure.writableLength + tap.writableLength + tap.tx.partial + tap.tcp.writableLength;
+  for (let i = 0; i < 100 && unsent() !== 0; i++) await new Promise((r) => setTimeout(r, i < 10 ? 0 : 10));
   const suite = suiteFor(secure.getProtocol(), secure.getCipher()?.standardName);
   if (typeof suite === 'string') return { refused: suite };
   const broken = tap.tx.broken ?? tap.rx.broken;
@@ -187,8 +190,7 @@ export function kernelTlsHandoff(secure: tls.TLSSocket): { socket: net.Socket; p
   const rxSeq = nextSequence(suite, rxKeys, tap.rx.records);
   if (txSeq === undefined || rxSeq === undefined) return { refused: `the ${txSeq === undefined ? 'sent' : 'received'} records do not check out under the negotiated keys` };
   const unread = secure.readableLength + tap.readableLength + tap.rx.partial + tap.tcp.readableLength;
-  const unsent = secure.writableLength + tap.writableLength + tap.tx.partial + tap.tcp.writableLength;
-  if (unread !== 0 || unsent !== 0) return { refused: `${unread} bytes unread and ${unsent} unsent at the end of the handshake` };
+  if (unread !== 0 || unsent() !== 0) return { refused: `${unread} bytes unread and ${unsent()} unsent at the end of the handshake` };
   tap.detach();
   secure.destroy();
   const description = describeSuite(suite);

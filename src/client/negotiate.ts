@@ -242,7 +242,7 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
   if (opts.kernelTls) {
     if (target.endpoint.kind !== 'tcp') relayReason = 'kernel TLS needs a TCP connection (this is a unix socket)';
     else {
-      const h = kernelTlsHandoff(socket);
+      const h = await kernelTlsHandoff(socket);
       if ('socket' in h) return { ...ready, socket: h.socket, ktls: h.params };
       relayReason = h.refused;
     }
