@@ -13,7 +13,7 @@ import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from '../supervisor/policy
 import { takeDetachRequested } from '../supervisor/state.ts';
 import { type SupervisedAttachOptions, openSource, residentProcessSetup, runSupervisedAttach } from '../supervisor/run.ts';
 import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
-import type { ConnectionSource } from '../supervisor/source.ts';
+import { type ConnectionSource, tlsSummary } from '../supervisor/source.ts';
 
 export interface AttachCliOptions extends ServerOptions {
   optgo: boolean;
@@ -167,7 +167,7 @@ async function attachIoctl(source: ConnectionSource, device: string | undefined,
     useIoctl,
     notice,
   });
-  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? source.server : `export ${conn.info.name === '' ? '(default)' : `'${conn.info.name}'`}${tlsSummary(source)}`;
   process.stdout.write(
     `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}\n`,
   );

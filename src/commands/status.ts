@@ -19,8 +19,10 @@ export interface DeviceStatusEntry {
   export?: string;
   /** Local attach (--file/--memory): `server` is "local file PATH" or "local memory SIZE". */
   local?: boolean;
-  /** The connections use TLS (relayed by the supervisor). */
+  /** The connections use TLS. */
   tls?: boolean;
+  /** How: kernel TLS on the TCP sockets, or the supervisor's relay (state files before kernel TLS: absent, a relay). */
+  tlsPath?: 'kernel' | 'relay';
   connections?: { live: number; total: number };
   /** Supervisor process id while it runs; null when its state says it stopped or it died. */
   supervisorPid?: number | null;
@@ -43,7 +45,10 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
     e.server = s.server;
     e.export = s.export;
     if (s.local) e.local = true;
-    if (s.tls !== undefined) e.tls = true;
+    if (s.tls !== undefined) {
+      e.tls = true;
+      e.tlsPath = s.tlsPath ?? 'relay';
+    }
     e.connections = { live: e.attached ? s.liveConnections : 0, total: s.connections };
     e.supervisorPid = s.pid > 0 && alive(s.pid) ? s.pid : null;
     e.reconnects = s.reconnects;
@@ -60,11 +65,11 @@ export function formatStatus(e: DeviceStatusEntry): string {
   if (!e.attached) return `${e.device}: not attached${e.lastError ? ` (last error: ${e.lastError})` : ''}`;
   const parts = [`${e.device}: attached`, formatSize(BigInt(e.sizeBytes))];
   if (e.local && e.server !== undefined) parts.push(`served from ${e.server} by its supervisor`);
-  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}${e.tls ? ' over TLS' : ''}`);
+  else if (e.server !== undefined) parts.push(`server ${e.server}`, `export ${e.export === '' ? '(default)' : `'${e.export}'`}${e.tls ? ` over TLS (${e.tlsPath === 'kernel' ? 'kernel TLS' : 'relay'})` : ''}`);
   if (e.connections) parts.push(`connections ${e.connections.live}/${e.connections.total}`);
   if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
   else if (e.local) parts.push('no supervisor (its server is gone: detach it)');
-  else if (e.tls) parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
+  else if (e.tls && e.tlsPath !== 'kernel') parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
   else parts.push('no supervisor (adopt it with nbd-attach --reattach)');
   if (e.reconnects !== undefined) parts.push(`reconnects ${e.reconnects}`);
   parts.push(`last error: ${e.lastError ?? 'none'}`);

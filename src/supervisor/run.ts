@@ -19,7 +19,7 @@ import * as libc from '../../native-bindings/libc.ts';
 import { formatSize, resolveTarget, type ServerOptions } from '../commands/common.ts';
 import { splitPositionals } from '../commands/attach.ts';
 import { type KernelOps, NetlinkKernelOps } from './kernel-ops.ts';
-import { type ConnectionSource, localSource, remoteSource } from './source.ts';
+import { type ConnectionSource, localSource, remoteSource, tlsSummary } from './source.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, RECONNECT_ATTEMPT_TIMEOUT_MS } from './policy.ts';
 import type { Candidate } from './reconnector.ts';
 import { type SupervisorState, openLog, pidAlive, readState, removeState, writeState } from './state.ts';
@@ -354,7 +354,7 @@ async function attachFrom(
     ops.close();
     throw e;
   }
-  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? source.server : `export ${exportName === '' ? '(default)' : `'${exportName}'`}${tlsSummary(source)}`;
   const summary = `${r.device} attached: ${formatSize(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
 
   if (r.interface === 'ioctl' || r.done) {
@@ -373,7 +373,7 @@ async function attachFrom(
     pid: process.pid,
     server: source.server,
     ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
-    ...(source.tls !== undefined ? { tls: source.tls } : {}),
+    ...(source.tls !== undefined ? { tls: source.tls, tlsPath: source.tlsPath ?? 'relay' } : {}),
     export: exportName,
     noOptGo,
     identifier,
@@ -449,7 +449,7 @@ async function adopt(
     pid: process.pid,
     server: describeEndpoint(target.endpoint),
     endpoint: target.endpoint,
-    ...(target.tls !== false ? { tls: target.tls } : {}),
+    ...(target.tls !== false ? { tls: target.tls, tlsPath: saved?.tlsPath ?? 'relay' } : {}),
     export: exportName,
     noOptGo,
     identifier: st.backend,
@@ -470,8 +470,9 @@ async function adopt(
     updatedAt: new Date().toISOString(),
   };
   const name = exportName === '' ? '(default)' : `'${exportName}'`;
-  // TLS: the kernel's sockets were relayed by the previous supervisor and died with it: replace them all.
-  const replaceAll = target.tls !== false;
+  // The TLS relay: the kernel's sockets were relayed by the previous supervisor and died with it:
+  // replace them all (also for state files from before kernel TLS: no tlsPath). Kernel TLS sockets live on.
+  const replaceAll = target.tls !== false && saved?.tlsPath !== 'kernel';
   return supervise(
     base,
     ops,
@@ -520,7 +521,9 @@ async function supervise(
   });
 
   residentProcessSetup({ swap: base.swap, systemdMark: base.systemdMark, device: base.device }, log);
-  if (base.swap && base.tls) log('note: --swap with TLS: every swapped page passes through this process (the TLS relay); it is kept from the OOM killer but not locked in memory');
+  if (base.swap && base.tls && base.tlsPath !== 'kernel') {
+    log('warning: --swap with the TLS relay can deadlock: every swapped page passes through this process, which is kept from the OOM killer but not locked in memory (kernel TLS, the default, has no such process)');
+  }
   const state: SupervisorState = { ...base };
   const sup = new Supervisor<LiveCandidate>(
     {

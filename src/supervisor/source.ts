@@ -37,6 +37,13 @@ export interface ConnectionSource {
   close(): Promise<void>;
 }
 
+/** " over TLS (kernel TLS)", " over TLS (relay: why)", or "" without TLS: for the attach line and the log. */
+export function tlsSummary(source: ConnectionSource): string {
+  if (source.tls === undefined) return '';
+  if (source.tlsPath === 'kernel') return ' over TLS (kernel TLS)';
+  return ` over TLS (relay${source.relayReason !== undefined ? `: ${source.relayReason}` : ', --tls-relay'})`;
+}
+
 export function remoteSource(target: Target, exportName: string, noOptGo: boolean): ConnectionSource {
   const tls = target.tls === false ? undefined : target.tls;
   // Kernel TLS unless --tls-relay; once the kernel or the server's suite rules it out, the relay
