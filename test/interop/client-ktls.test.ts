@@ -123,6 +123,15 @@ describe('kernel TLS handoff: keys and record numbers carry on the session', { t
     console.log(`# serve --tls: ${c.ktls!.description}, next records at handoff: tx ${c.ktls!.tx.seq}, rx ${c.ktls!.rx.seq}`);
   });
 
+  it('our serve --tls require --tls-psk (OpenSSL): TLS 1.2', async () => {
+    const img = sparseFile(dir, 'p.img', 16 << 20);
+    const srv = await startOurServer([`pdisk=${img}`, '--tls', 'require', '--tls-psk', pskFile]);
+    servers.push(srv);
+    const c = await kernelRoundTrip(srv.port, { pskFile, username: 'alice' }, 'pdisk');
+    assert.match(c.ktls!.description, /^TLS 1\.2 /);
+    console.log(`# serve --tls-psk: ${c.ktls!.description}, next records at handoff: tx ${c.ktls!.tx.seq}, rx ${c.ktls!.rx.seq}`);
+  });
+
   it('a unix socket keeps the relay, and says why', async () => {
     const sock = path.join(dir, 'k.sock');
     const srv = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, '-U', sock, 'memory', '16M']).catch(() => undefined);

@@ -41,6 +41,12 @@ const DISK = 64 << 20;
 
 after(cleanup);
 
+let pkiDir: string | undefined;
+/** One CA and certificates for every test here (EC keys: quick to make in the emulated guest). */
+async function pki(): Promise<string> {
+  return (pkiDir ??= makePki(await tmpDir('pki-'), { ec: true }));
+}
+
 function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
   return run(process.execPath, [BIN, ...args], { cwd: REPO, timeoutMs });
 }
@@ -132,11 +138,11 @@ async function roundTrip(dev: string, serverFile?: string): Promise<void> {
 
 test('our serve --tls: kernel TLS both ways, no relay; mkfs/mount; supervisor SIGKILL and server restart under fio', { timeout: 1_500_000 }, async () => {
   await loadNbd();
-  const pki = makePki(await tmpDir('pki-'));
+  const pkiDir = await pki();
   const disk = await tmpFile(DISK);
-  const server = await startOurServer([`odisk=${disk}`, '--tls', 'require', '--tls-certificates', pki]);
+  const server = await startOurServer([`odisk=${disk}`, '--tls', 'require', '--tls-certificates', pkiDir]);
   const before = tlsStat();
-  const a = await attach([`nbds://127.0.0.1:${server.port}/odisk?tls-certificates=${pki}`], '/dev/nbd1');
+  const a = await attach([`nbds://127.0.0.1:${server.port}/odisk?tls-certificates=${pkiDir}`], '/dev/nbd1');
   assert.match(a.line, /^\/dev\/nbd1 attached: 64 MiB .*export 'odisk' over TLS \(kernel TLS\)/);
   const st = tlsStat();
   assert.ok((st.TlsCurrTxSw ?? 0) >= (before.TlsCurrTxSw ?? 0) + 1 && (st.TlsCurrRxSw ?? 0) >= (before.TlsCurrRxSw ?? 0) + 1, `tls_stat counts the socket both ways: ${JSON.stringify(st)}`);
@@ -194,11 +200,11 @@ test('nbdkit --tls=require (X.509) with -C 4: four kernel-TLS connections; one k
   await loadNbd();
   await loadModule('inet_diag');
   await loadModule('tcp_diag');
-  const pki = makePki(await tmpDir('pki-'));
+  const pkiDir = await pki();
   const disk = await tmpFile(DISK);
-  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', disk]);
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
   const before = tlsStat();
-  const a = await attach(['-C', '4', `nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}`], '/dev/nbd2');
+  const a = await attach(['-C', '4', '--connect-timeout', '60', `nbds://127.0.0.1:${server.port}/?tls-certificates=${pkiDir}`], '/dev/nbd2');
   assert.match(a.line, /over TLS \(kernel TLS\)/);
   const st = tlsStat();
   assert.ok((st.TlsCurrRxSw ?? 0) >= (before.TlsCurrRxSw ?? 0) + 4, `four sockets in kernel TLS: ${JSON.stringify(st)}`);
@@ -223,7 +229,7 @@ test('nbdkit --tls=require (X.509) with -C 4: four kernel-TLS connections; one k
 test('nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): data through kernel TLS', { timeout: 900_000 }, async () => {
   await loadNbd();
   const dir = await tmpDir('psk-');
-  const pki = makePki(dir);
+  const pkiDir = await pki();
   const psk = path.join(dir, 'keys.psk');
   writeFileSync(psk, 'alice:0123456789abcdef0123456789abcdef\n');
   const disk = await tmpFile(DISK);
@@ -236,9 +242,9 @@ test('nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): data t
 
   const img = await tmpFile(DISK, { name: 'nbd-server.img' });
   const ns = await startNbdServer(
-    `[generic]\ncertfile = ${pki}/server-cert.pem\nkeyfile = ${pki}/server-key.pem\ncacertfile = ${pki}/ca-cert.pem\nforce_tls = true\n[ndisk]\nexportname = ${img}\n`,
+    `[generic]\ncertfile = ${pkiDir}/server-cert.pem\nkeyfile = ${pkiDir}/server-key.pem\ncacertfile = ${pkiDir}/ca-cert.pem\nforce_tls = true\n[ndisk]\nexportname = ${img}\n`,
   );
-  const b = await attach(['-N', 'ndisk', '--tls-certificates', pki, `127.0.0.1:${ns.port}`], '/dev/nbd4');
+  const b = await attach(['-N', 'ndisk', '--tls-certificates', pkiDir, `127.0.0.1:${ns.port}`], '/dev/nbd4');
   assert.match(b.line, /over TLS \(kernel TLS\)/);
   await roundTrip('/dev/nbd4', img);
   await detach('/dev/nbd4', b.pid);
@@ -247,10 +253,10 @@ test('nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): data t
 
 test('--tls-relay: the relay as before (a socketpair in the supervisor), and status says so', { timeout: 600_000 }, async () => {
   await loadNbd();
-  const pki = makePki(await tmpDir('pki-'));
+  const pkiDir = await pki();
   const disk = await tmpFile(DISK);
-  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', disk]);
-  const a = await attach(['--tls-relay', `nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}`], '/dev/nbd5');
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
+  const a = await attach(['--tls-relay', `nbds://127.0.0.1:${server.port}/?tls-certificates=${pkiDir}`], '/dev/nbd5');
   assert.match(a.line, /over TLS \(relay, --tls-relay\)/);
   assert.ok(unixSockets(a.pid) >= 1, 'the relay holds its end of the socketpair');
   await roundTrip('/dev/nbd5', disk);
