@@ -8,7 +8,8 @@
 //  2. nbdkit --tls=require (GnuTLS, X.509) with -C 4: data reaches the server's file; one of the four
 //     connections killed under fio is replaced with kernel TLS again;
 //  3. nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): a round trip of data;
-//  4. --tls-relay: the relay as before (a socketpair in the supervisor, status says so).
+//  4. --tls-relay: the relay as before (a socketpair in the supervisor, status says so);
+//  5. -L (ioctl): NBD_DO_IT with a kernel-TLS socket.
 
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -31,6 +32,7 @@ import {
   waitFor,
 } from './lib.ts';
 import { makePki } from '../lib/servers.ts';
+import { startForeground } from './attach-common.ts';
 
 requireGuest();
 
@@ -263,5 +265,21 @@ test('--tls-relay: the relay as before (a socketpair in the supervisor), and sta
   const status = await cli(['status', '/dev/nbd5']);
   assert.match(status.stdout, /over TLS \(relay\)/);
   await detach('/dev/nbd5', a.pid);
+  await server.stop();
+});
+
+test('-L (ioctl) with kernel TLS: the device works with NBD_DO_IT holding the TLS socket; SIGTERM disconnects', { timeout: 600_000 }, async () => {
+  await loadNbd();
+  const pkiDir = await pki();
+  const disk = await tmpFile(DISK);
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
+  const fg = await startForeground(['-L', '--tls-certificates', pkiDir, `127.0.0.1:${server.port}`, '/dev/nbd6']);
+  assert.match(fg.stdout(), /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS \(kernel TLS\), block size \d+, ioctl\n/);
+  assert.equal(unixSockets(fg.child.pid!), 0, 'no relay beside NBD_DO_IT');
+  await roundTrip('/dev/nbd6', disk);
+  process.kill(fg.child.pid!, 'SIGTERM');
+  const ended = await fg.exit;
+  assert.equal(ended.code, 0, fg.stderr());
+  await waitFor(() => !existsSync('/sys/block/nbd6/pid'), 10_000, { what: 'nbd6 free after SIGTERM' });
   await server.stop();
 });
