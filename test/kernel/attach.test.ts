@@ -261,7 +261,7 @@ test('nbdtab (the nbd-client `nbdN` form): the entry is attached with its option
 });
 
 test('-L (ioctl) over TLS with --tls-relay: the relay runs beside NBD_DO_IT in the same process; ext4 round trip; SIGTERM disconnects', async () => {
-  const pki = makePki(await tmpDir('pki-'));
+  const pki = makePki(await tmpDir('pki-'), { ec: true });
   const file = await tmpFile(64 * MiB);
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', file]);
   const fg = await startForeground(['-L', '--tls-relay', '--tls-certificates', pki, `127.0.0.1:${server.port}`, '/dev/nbd3']);

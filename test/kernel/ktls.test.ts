@@ -9,7 +9,8 @@
 //     connections killed under fio is replaced with kernel TLS again;
 //  3. nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): a round trip of data;
 //  4. --tls-relay: the relay as before (a socketpair in the supervisor, status says so);
-//  5. -L (ioctl): NBD_DO_IT with a kernel-TLS socket.
+//  5. -L (ioctl): NBD_DO_IT with a kernel-TLS socket;
+//  6. a record the kernel cannot authenticate (injected by a proxy) kills the link, which is reconnected.
 
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -31,7 +32,9 @@ import {
   tmpFile,
   waitFor,
 } from './lib.ts';
+import net from 'node:net';
 import { makePki } from '../lib/servers.ts';
+import { ContentType, RecordSplitter } from '../../src/client/ktls-keys.ts';
 import { startForeground } from './attach-common.ts';
 
 requireGuest();
@@ -64,10 +67,11 @@ function tlsStat(): Record<string, number> {
   return out;
 }
 
-/** How many AF_UNIX sockets a process holds (the relay's socketpair is two of them). */
+/** How many AF_UNIX sockets a process holds besides its stdio (the relay's socketpair is two of them). */
 function unixSockets(pid: number): number {
   const inodes = new Set<string>();
   for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    if (Number(fd) <= 2) continue; // stdio: a test's spawn() gives pipes as socketpairs
     try {
       const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
       if (m) inodes.add(m[1]!);
@@ -282,4 +286,78 @@ test('-L (ioctl) with kernel TLS: the device works with NBD_DO_IT holding the TL
   assert.equal(ended.code, 0, fg.stderr());
   await waitFor(() => !existsSync('/sys/block/nbd6/pid'), 10_000, { what: 'nbd6 free after SIGTERM' });
   await server.stop();
+});
+
+/**
+ * A TCP proxy between the client and a server that passes both directions through, server→client
+ * record by record, and on inject() puts one TLS alert record (clear text, as a peer that lost its
+ * keys would) between two records: the kernel's TLS cannot authenticate it.
+ */
+async function recordProxy(to: number): Promise<{ port: number; inject(): void; injected(): number; close(): void }> {
+  let pending = false;
+  let count = 0;
+  const socks = new Set<net.Socket>();
+  const srv = net.createServer((c) => {
+    const s = net.connect(to, '127.0.0.1');
+    socks.add(c).add(s);
+    const split = new RecordSplitter();
+    c.pipe(s);
+    s.on('data', (b: Buffer) => {
+      let recs;
+      try {
+        recs = split.push(b);
+      } catch {
+        c.destroy();
+        return;
+      }
+      for (const r of recs) {
+        if (pending && r.type === ContentType.APPLICATION_DATA) {
+          pending = false;
+          count++;
+          c.write(Buffer.from([ContentType.ALERT, 3, 3, 0, 2, 2, 40])); // fatal handshake_failure
+        }
+        c.write(r.bytes);
+      }
+    });
+    const end = (): void => {
+      c.destroy();
+      s.destroy();
+    };
+    c.on('close', end).on('error', end);
+    s.on('close', end).on('error', end);
+  });
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  return {
+    port: (srv.address() as net.AddressInfo).port,
+    inject: () => (pending = true),
+    injected: () => count,
+    close: () => {
+      srv.close();
+      for (const s of socks) s.destroy();
+    },
+  };
+}
+
+test('a record the kernel cannot authenticate after the handoff is a dead link, reconnected; never data', { timeout: 600_000 }, async () => {
+  await loadNbd();
+  const pkiDir = await pki();
+  const disk = await tmpFile(DISK);
+  const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
+  const proxy = await recordProxy(server.port);
+  try {
+    const a = await attach([`nbds://127.0.0.1:${proxy.port}/?tls-certificates=${pkiDir}`], '/dev/nbd7');
+    assert.match(a.line, /over TLS \(kernel TLS\)/);
+    const fio = startFio('/dev/nbd7', 30);
+    const w0 = writesCompleted(7);
+    await waitFor(() => writesCompleted(7) > w0 + 100, 120_000, { what: 'fio writing' });
+    proxy.inject();
+    await waitFor(() => proxy.injected() === 1 && /reconnected after/.test(readFileSync(a.log, 'utf8')), 120_000, { what: 'reconnect after the forged record' }).catch((e: Error) => {
+      throw new Error(`${e.message}\n${readFileSync(a.log, 'utf8')}`);
+    });
+    assertFioClean(await fio, 'forged TLS record after the handoff');
+    await detach('/dev/nbd7', a.pid);
+  } finally {
+    proxy.close();
+    await server.stop();
+  }
 });

@@ -350,7 +350,7 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
 test('TLS --tls-relay: nbds:// through the relay: data reaches the server, a killed TCP connection is replaced, a killed supervisor is adopted', { timeout: 1_200_000 }, async () => {
   await loadModule('inet_diag');
   await loadModule('tcp_diag');
-  const pki = makePki(await tmpDir('pki-'));
+  const pki = makePki(await tmpDir('pki-'), { ec: true });
   const disk = await tmpFile(DISK);
   // --tls=require: nbdkit refuses every option before STARTTLS, so a working attach is a TLS one.
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', disk]);
