@@ -278,13 +278,17 @@ test('-L (ioctl) with kernel TLS: the device works with NBD_DO_IT holding the TL
   const disk = await tmpFile(DISK);
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
   const fg = await startForeground(['-L', '--tls-certificates', pkiDir, `127.0.0.1:${server.port}`, '/dev/nbd6']);
-  assert.match(fg.stdout(), /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS \(kernel TLS\), block size \d+, ioctl\n/);
-  assert.equal(unixSockets(fg.child.pid!), 0, 'no relay beside NBD_DO_IT');
-  await roundTrip('/dev/nbd6', disk);
-  process.kill(fg.child.pid!, 'SIGTERM');
-  const ended = await fg.exit;
-  assert.equal(ended.code, 0, fg.stderr());
-  await waitFor(() => !existsSync('/sys/block/nbd6/pid'), 10_000, { what: 'nbd6 free after SIGTERM' });
+  try {
+    assert.match(fg.stdout(), /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS \(kernel TLS\), block size \d+, ioctl\n/);
+    assert.equal(unixSockets(fg.child.pid!), 0, 'no relay beside NBD_DO_IT');
+    await roundTrip('/dev/nbd6', disk);
+    process.kill(fg.child.pid!, 'SIGTERM');
+    const ended = await fg.exit;
+    assert.equal(ended.code, 0, fg.stderr());
+    await waitFor(() => !existsSync('/sys/block/nbd6/pid'), 10_000, { what: 'nbd6 free after SIGTERM' });
+  } finally {
+    fg.child.kill('SIGKILL'); // a failed assertion must not leave it holding the test process open
+  }
   await server.stop();
 });
 
