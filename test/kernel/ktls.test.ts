@@ -305,8 +305,16 @@ async function recordProxy(to: number): Promise<{ port: number; inject(): void; 
     const s = net.connect(to, '127.0.0.1');
     socks.add(c).add(s);
     const split = new RecordSplitter();
+    // The NBD greeting and STARTTLS reply are plain; TLS starts with the ServerHello, which comes
+    // alone after the client's ClientHello (a record header: handshake, version 3.x).
+    let tls = false;
     c.pipe(s);
     s.on('data', (b: Buffer) => {
+      if (!tls && b[0] === ContentType.HANDSHAKE && b[1] === 3) tls = true;
+      if (!tls) {
+        c.write(b);
+        return;
+      }
       let recs;
       try {
         recs = split.push(b);
