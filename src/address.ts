@@ -26,6 +26,8 @@ export interface TlsSettings {
   pskFile?: string;
   /** PSK identity (default: the login name, as uri.md's userinfo and libnbd). */
   username?: string;
+  /** --tls-relay: keep TLS in a relay process instead of handing the session to kernel TLS. */
+  relay?: boolean;
 }
 
 export interface Target {

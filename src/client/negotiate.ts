@@ -16,6 +16,7 @@ import {
   type ServerStyle,
   type Via,
 } from '../protocol/handshake.ts';
+import { type KernelTlsParams, kernelTlsHandoff, startTlsTapped } from './ktls.ts';
 import { relayForKernel, startTls, tlsConnectOptions } from './tls.ts';
 
 const debug = createDebug('nbd:client');
@@ -31,6 +32,11 @@ export interface NegotiateOptions {
   noOptGo?: boolean;
   /** Connect + handshake deadline. */
   timeoutMs?: number;
+  /**
+   * With TLS over TCP: prepare the connection for kernel TLS (`ktls` in the result) instead of the
+   * relay, where the negotiated suite allows it (src/client/ktls.ts).
+   */
+  kernelTls?: boolean;
 }
 
 export interface Connection {
@@ -41,6 +47,13 @@ export interface Connection {
   socket: net.Socket;
   /** The TCP or unix socket to the server, when it is not `socket` itself (TLS): what to tune. */
   transport?: net.Socket;
+  /**
+   * Kernel TLS: `socket` is the TCP socket itself, its TLS session to be carried on by the kernel
+   * with these keys (src/kernel/ktls.ts installs them before the handoff).
+   */
+  ktls?: KernelTlsParams;
+  /** TLS through the relay although kernel TLS was asked for: why. */
+  relayReason?: string;
   info: ExportInfo;
   style: ServerStyle;
   via: Via;
@@ -193,14 +206,15 @@ interface Attempt {
   result: HandshakeResult;
 }
 
-async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number): Promise<Attempt> {
+async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number, kernelTls = false): Promise<Attempt> {
   const deadline = Date.now() + timeoutMs;
   const where = describeEndpoint(target.endpoint);
   // TLS files are read before connecting, so a wrong path is a usage error, not a network one.
   const tlsOptions = target.tls ? tlsConnectOptions(target.tls, target.endpoint) : undefined;
   const transport = await connectSocket(target.endpoint, deadline);
   try {
-    const upgrade = tlsOptions && ((plain: net.Socket) => startTls(plain, tlsOptions, where));
+    const start = kernelTls && target.endpoint.kind === 'tcp' ? startTlsTapped : startTls;
+    const upgrade = tlsOptions && ((plain: net.Socket) => start(plain, tlsOptions, where));
     const { result, socket } = await runHandshake(transport, new ClientHandshake({ ...goal, tls: target.tls !== false }), deadline, where, upgrade);
     return { socket, transport, result };
   } catch (err) {
@@ -219,17 +233,26 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
   const goal: HandshakeGoal = { kind: 'go', name: opts.exportName, noOptGo: opts.noOptGo ?? false };
   let attempt: Attempt;
   try {
-    attempt = await handshakeOnce(target, goal, timeoutMs);
+    attempt = await handshakeOnce(target, goal, timeoutMs, opts.kernelTls);
   } catch (err) {
     if (!(err instanceof NbdError) || !(err as { goRejectedByClose?: boolean }).goRejectedByClose) throw err;
     debug('server closed on NBD_OPT_GO: retrying once with NBD_OPT_EXPORT_NAME');
-    attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs);
+    attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs, opts.kernelTls);
   }
   const { socket, transport, result } = attempt;
   const ready = transmissionReady(socket, result);
   if (!(socket instanceof tls.TLSSocket)) return ready;
+  let relayReason: string | undefined;
+  if (opts.kernelTls) {
+    if (target.endpoint.kind !== 'tcp') relayReason = 'kernel TLS needs a TCP connection (this is a unix socket)';
+    else {
+      const h = await kernelTlsHandoff(socket);
+      if ('socket' in h) return { ...ready, socket: h.socket, ktls: h.params };
+      relayReason = h.refused;
+    }
+  }
   try {
-    return { ...ready, socket: relayForKernel(socket, describeEndpoint(target.endpoint)), transport };
+    return { ...ready, socket: relayForKernel(socket, describeEndpoint(target.endpoint)), transport, ...(relayReason !== undefined ? { relayReason } : {}) };
   } catch (err) {
     transport.destroy();
     throw err;

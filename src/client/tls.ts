@@ -98,9 +98,10 @@ export function describeTlsFailure(err: NodeJS.ErrnoException, host: string): st
 }
 
 /** Run the TLS handshake on a connected socket whose NBD_OPT_STARTTLS the server just acknowledged. */
-export function startTls(socket: net.Socket, options: tls.ConnectionOptions, where: string): Promise<tls.TLSSocket> {
+export function startTls(socket: net.Socket, options: tls.ConnectionOptions, where: string, setUp?: (secure: tls.TLSSocket) => void): Promise<tls.TLSSocket> {
   return new Promise((resolve, reject) => {
     const secure = tls.connect({ ...options, socket });
+    setUp?.(secure);
     const fail = (err: NodeJS.ErrnoException): void => {
       secure.destroy();
       reject(new NbdError('NBD_E_TLS', `TLS with ${where} failed: ${describeTlsFailure(err, String(options.host))}`, { cause: err }));

@@ -26,6 +26,7 @@ export interface ServerOptions {
   tlsUsername?: string;
   /** false with --no-tls-verify. */
   tlsVerify?: boolean;
+  tlsRelay?: boolean;
 }
 
 /** Commander parser for a duration in seconds (integer or decimal); returns milliseconds. */
@@ -48,6 +49,7 @@ export function addServerOptions(cmd: Command, { name = true }: { name?: boolean
     .option('--tls-psk <file>', 'with TLS, a pre-shared key instead of certificates: file of IDENTITY:HEXKEY lines (as psktool writes)')
     .option('--tls-username <name>', 'with --tls-psk, the identity to use (default: your login name)')
     .option('--no-tls-verify', "with TLS, do not check the server's certificate (encryption without authentication)")
+    .option('--tls-relay', 'with TLS, keep the encryption in the supervisor (a relay on the data path, as nbd-client) instead of kernel TLS')
     .addOption(
       new Option('--connect-timeout <seconds>', 'give up connecting and negotiating after this long')
         .argParser(seconds)
@@ -89,6 +91,7 @@ export function tlsFromOptions(fromUri: Target['tls'], opts: ServerOptions): Tar
   if (opts.tlsPsk !== undefined) given.pskFile = opts.tlsPsk;
   if (opts.tlsUsername !== undefined) given.username = opts.tlsUsername;
   if (opts.tlsVerify === false) given.verifyPeer = false;
+  if (opts.tlsRelay === true) given.relay = true;
   if (fromUri === false && opts.tls !== true && Object.keys(given).length === 0) return false;
   const merged: TlsSettings = { ...(fromUri || {}), ...given };
   // Absolute paths: the supervisor's state file keeps them for reconnects and a later --reattach

@@ -20,8 +20,10 @@ export interface DeviceStatusEntry {
   export?: string;
   /** Local attach (--file/--memory): `server` is "local file PATH" or "local memory SIZE". */
   local?: boolean;
-  /** The connections use TLS (relayed by the supervisor). */
+  /** The connections use TLS. */
   tls?: boolean;
+  /** How: kernel TLS on the TCP sockets, or the supervisor's relay (state files before kernel TLS: absent, a relay). */
+  tlsPath?: 'kernel' | 'relay';
   /** `live` is null while no supervisor runs: nobody watches the links, so nobody knows. */
   connections?: { live: number | null; total: number };
   /** Supervisor process id while it runs; null when its state says it stopped or it died. */
@@ -45,7 +47,10 @@ export function statusOf(index: number, devicePath: string, roots: Roots = DEFAU
     e.server = s.server;
     e.export = s.export;
     if (s.local) e.local = true;
-    if (s.tls !== undefined) e.tls = true;
+    if (s.tls !== undefined) {
+      e.tls = true;
+      e.tlsPath = s.tlsPath ?? 'relay';
+    }
     e.supervisorPid = alive(s) ? s.pid : null;
     e.connections = { live: !e.attached ? 0 : e.supervisorPid !== null ? s.liveConnections : null, total: s.connections };
     e.reconnects = s.reconnects;
@@ -68,11 +73,11 @@ export function formatStatus(e: DeviceStatusEntry): string {
   // The server is an address or a local image's path (ours, never cut); the export name is the server's.
   const server = e.server !== undefined ? oneLine(e.server) : undefined;
   if (e.local && server !== undefined) parts.push(`served from ${server} by its supervisor`);
-  else if (server !== undefined) parts.push(`server ${server}`, `export ${e.export === '' ? '(default)' : `'${display(e.export ?? '')}'`}${e.tls ? ' over TLS' : ''}`);
+  else if (server !== undefined) parts.push(`server ${server}`, `export ${e.export === '' ? '(default)' : `'${display(e.export ?? '')}'`}${e.tls ? ` over TLS (${e.tlsPath === 'kernel' ? 'kernel TLS' : 'relay'})` : ''}`);
   if (e.connections) parts.push(`connections ${e.connections.live ?? '?'}/${e.connections.total}`);
   if (e.supervisorPid) parts.push(`supervisor pid ${e.supervisorPid}`);
   else if (e.local) parts.push('no supervisor (its server is gone: detach it)');
-  else if (e.tls) parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
+  else if (e.tls && e.tlsPath !== 'kernel') parts.push('no supervisor (it relayed the TLS connections: I/O waits until nbd-attach --reattach)');
   else parts.push('no supervisor (adopt it with nbd-attach --reattach)');
   if (e.reconnects !== undefined) parts.push(`reconnects ${e.reconnects}`);
   parts.push(`last error: ${lastError ?? 'none'}`);

@@ -171,3 +171,12 @@ export const TCP_KEEPIDLE = 4;
 export const TCP_KEEPINTVL = 5;
 export const TCP_KEEPCNT = 6;
 export const TCP_USER_TIMEOUT = 18;
+
+// ---- Kernel TLS on a connection handed to the nbd driver (src/kernel/ktls.ts) ----
+/** include/uapi/linux/tcp.h: TCP_ULP = 31 (attach an upper-layer protocol by name: "tls"). */
+export const TCP_ULP = 31;
+/** include/linux/socket.h: SOL_TLS = 282. */
+export const SOL_TLS = 282;
+/** include/uapi/linux/tls.h: TLS_TX = 1, TLS_RX = 2 (set transmit / receive parameters). */
+export const TLS_TX = 1;
+export const TLS_RX = 2;

@@ -80,7 +80,7 @@ export async function adopt(
     pid: process.pid,
     server: describeEndpoint(target.endpoint),
     endpoint: target.endpoint,
-    ...(target.tls !== false ? { tls: target.tls } : {}),
+    ...(target.tls !== false ? { tls: target.tls, tlsPath: saved?.tlsPath ?? 'relay' } : {}),
     export: exportName,
     noOptGo,
     identifier: st.backend,
@@ -102,6 +102,9 @@ export async function adopt(
   };
   const name = exportName === '' ? '(default)' : `'${display(exportName)}'`;
   const tls = target.tls !== false;
+  // The TLS relay: the kernel's sockets were relayed by the previous supervisor and died with it:
+  // replace them all (also for state files from before kernel TLS: no tlsPath). Kernel TLS sockets live on.
+  const relayed = tls && saved?.tlsPath !== 'kernel';
   if (handoff) {
     return supervise(
       base,
@@ -125,11 +128,11 @@ export async function adopt(
     {
       source: remoteSource(target, exportName, noOptGo),
       reconnectTimeout: how.reconnectTimeout,
-      replaceAll: tls ? 'tls' : 'adopted',
+      replaceAll: relayed ? 'tls' : 'adopted',
       ...(how.notifier ? { notifier: how.notifier } : {}),
     },
     rep,
     how.mode,
-    `${dev.path} adopted: server ${base.server}, export ${name}${tls ? ' over TLS' : ''}, connections ${connections}`,
+    `${dev.path} adopted: server ${base.server}, export ${name}${tls ? ` over TLS (${relayed ? 'relay' : 'kernel TLS'})` : ''}, connections ${connections}`,
   );
 }

@@ -13,7 +13,7 @@ import { formatByteCount } from '../server/size.ts';
 import { attach, preflight } from '../kernel/attach.ts';
 import { deviceState, parseDeviceName, resolveDevice } from '../kernel/device.ts';
 import { NetlinkKernelOps } from './kernel-ops.ts';
-import type { ConnectionSource } from './source.ts';
+import { type ConnectionSource, tlsSummary } from './source.ts';
 import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
@@ -124,7 +124,7 @@ export async function attachNew(
       ops.close();
       throw e;
     }
-    const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${source.tls ? ' over TLS' : ''}`;
+    const name = source.endpoint === undefined ? oneLine(source.server) : `export ${exportName === '' ? '(default)' : `'${display(exportName)}'`}${tlsSummary(source)}`;
     const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
     if (r.interface === 'ioctl' || r.done) {
       // The kernel has no netlink family (very old kernel): attach() fell back to the ioctls and this
@@ -153,7 +153,7 @@ export async function attachNew(
       pid: process.pid,
       server: source.server,
       ...(source.endpoint !== undefined ? { endpoint: source.endpoint } : { local: true }),
-      ...(source.tls !== undefined ? { tls: source.tls } : {}),
+      ...(source.tls !== undefined ? { tls: source.tls, tlsPath: source.tlsPath ?? 'relay' } : {}),
       export: exportName,
       noOptGo,
       identifier,

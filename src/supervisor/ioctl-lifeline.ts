@@ -14,7 +14,7 @@ import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { describeUser, deviceUsers } from '../kernel/users.ts';
 import { resolveDevice } from '../kernel/device.ts';
 import { formatByteCount } from '../server/size.ts';
-import type { ConnectionSource } from './source.ts';
+import { type ConnectionSource, tlsSummary } from './source.ts';
 import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from './policy.ts';
@@ -56,7 +56,7 @@ export async function ioctlLifeline(
     early?.release();
     throw e;
   }
-  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${source.tls ? ' over TLS' : ''}`;
+  const name = source.endpoint === undefined ? oneLine(source.server) : `export ${conn.info.name === '' ? '(default)' : `'${display(conn.info.name)}'`}${tlsSummary(source)}`;
   const summary = `${r.device} attached: ${formatByteCount(r.sizeBytes)} (${r.sizeBytes} bytes), ${name}, block size ${r.blockSize}${r.readOnly ? ', read-only' : ''}, ${r.interface}`;
   if (!r.done) {
     rep.ready(summary);

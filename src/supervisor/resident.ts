@@ -139,7 +139,9 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
   });
 
   residentProcessSetup({ swap: base.swap, systemdMark: base.systemdMark, device: base.device }, log);
-  if (base.swap && base.tls) log('note: --swap with TLS: every swapped page passes through this process (the TLS relay); it is kept from the OOM killer but not locked in memory');
+  if (base.swap && base.tls && base.tlsPath !== 'kernel') {
+    log('warning: --swap with the TLS relay can deadlock: every swapped page passes through this process, which is kept from the OOM killer but not locked in memory (kernel TLS, the default, has no such process)');
+  }
   const state: SupervisorState = { ...base };
   const selfPids = new Set([process.pid]);
   let lastStatus = '';

@@ -11,6 +11,7 @@ import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts'
 import { NbdError } from '../errors.ts';
 import { socketPair } from '../socket-pair.ts';
 import { type ServedConnection, type ServedExport, fileExport, memoryExport, parseSize, serveConnection } from '../server/index.ts';
+import { installKernelTls } from '../kernel/ktls.ts';
 import { tuneSocket } from './kernel-ops.ts';
 
 const debug = createDebug('nbd:local');
@@ -20,8 +21,15 @@ export interface ConnectionSource {
   readonly server: string;
   /** How a later supervisor reaches the server again; undefined for local attach (nothing to reach). */
   readonly endpoint: Endpoint | undefined;
-  /** TLS settings when connections negotiate TLS (a relay then feeds the kernel: src/client/tls.ts). */
+  /** TLS settings when connections negotiate TLS (kernel TLS, or a relay: src/client/ktls.ts, tls.ts). */
   readonly tls: TlsSettings | undefined;
+  /**
+   * With TLS, how the last connection reached the kernel: 'kernel' (kernel TLS on the TCP socket,
+   * nothing of ours on the data path) or 'relay' (a socketpair relayed by this process).
+   */
+  readonly tlsPath?: 'kernel' | 'relay' | undefined;
+  /** Why the relay is used although kernel TLS was tried (said once, by whoever reports the attach). */
+  readonly relayReason?: string | undefined;
   readonly exportName: string;
   /** Negotiate one connection, ready to be handed to the kernel (keepalive and TCP_USER_TIMEOUT set). */
   connect(timeoutMs: number): Promise<Connection>;
@@ -29,23 +37,61 @@ export interface ConnectionSource {
   close(): Promise<void>;
 }
 
+/** " over TLS (kernel TLS)", " over TLS (relay: why)", or "" without TLS: for the attach line and the log. */
+export function tlsSummary(source: ConnectionSource): string {
+  if (source.tls === undefined) return '';
+  if (source.tlsPath === 'kernel') return ' over TLS (kernel TLS)';
+  return ` over TLS (relay${source.relayReason !== undefined ? `: ${source.relayReason}` : ', --tls-relay'})`;
+}
+
 export function remoteSource(target: Target, exportName: string, noOptGo: boolean): ConnectionSource {
+  const tls = target.tls === false ? undefined : target.tls;
+  // Kernel TLS unless --tls-relay; once the kernel or the server's suite rules it out, the relay
+  // for every later connection too (the reason is said once, see relayReason).
+  let kernelTls = tls !== undefined && tls.relay !== true;
+  let tlsPath: 'kernel' | 'relay' | undefined = tls === undefined ? undefined : kernelTls ? 'kernel' : 'relay';
+  let relayReason: string | undefined;
+  const useRelay = (why: string): void => {
+    kernelTls = false;
+    tlsPath = 'relay';
+    relayReason ??= why;
+    debug('TLS through the relay from now on: %s', why);
+  };
+  const once = async (timeoutMs: number): Promise<Connection> => {
+    const c = await negotiate(target, { exportName, noOptGo, timeoutMs, kernelTls });
+    try {
+      tuneSocket(c.transport ?? c.socket); // with the TLS relay, the TCP socket under it
+    } catch (e) {
+      c.socket.destroy();
+      c.transport?.destroy();
+      throw new NbdError('NBD_E_KERNEL', `attach: cannot set keepalive/TCP_USER_TIMEOUT on the connection: ${(e as Error).message}`, { cause: e });
+    }
+    if (c.relayReason !== undefined) useRelay(c.relayReason);
+    if (c.ktls) {
+      try {
+        installKernelTls(c.socket, c.ktls);
+        tlsPath = 'kernel';
+      } catch (e) {
+        c.socket.destroy();
+        if (!(e instanceof NbdError) || e.code !== 'NBD_E_KERNEL_TLS') throw e;
+        useRelay(e.message);
+        return once(timeoutMs);
+      }
+    }
+    return c;
+  };
   return {
     server: describeEndpoint(target.endpoint),
     endpoint: target.endpoint,
-    tls: target.tls === false ? undefined : target.tls,
-    exportName,
-    async connect(timeoutMs) {
-      const c = await negotiate(target, { exportName, noOptGo, timeoutMs });
-      try {
-        tuneSocket(c.transport ?? c.socket); // with TLS, the TCP socket under the relay
-      } catch (e) {
-        c.socket.destroy();
-        c.transport?.destroy();
-        throw new NbdError('NBD_E_KERNEL', `attach: cannot set keepalive/TCP_USER_TIMEOUT on the connection: ${(e as Error).message}`, { cause: e });
-      }
-      return c;
+    tls,
+    get tlsPath() {
+      return tlsPath;
     },
+    get relayReason() {
+      return relayReason;
+    },
+    exportName,
+    connect: once,
     close: async () => undefined,
   };
 }

@@ -31,6 +31,8 @@ export interface SupervisorState {
   endpoint?: Endpoint;
   /** TLS settings (file paths, no keys) when the device's connections use TLS. */
   tls?: TlsSettings;
+  /** With TLS: kernel TLS on the TCP sockets (they outlive the supervisor) or the supervisor's relay. */
+  tlsPath?: 'kernel' | 'relay';
   /** -s/--swap: the supervisor keeps oom_score_adj -1000 (an adopting supervisor too). */
   swap?: true;
   /** -m/--systemd-mark: the supervisor's argv[0] starts with '@' (an adopting supervisor too). */

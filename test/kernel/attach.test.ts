@@ -260,12 +260,12 @@ test('nbdtab (the nbd-client `nbdN` form): the entry is attached with its option
   await server.stop();
 });
 
-test('-L (ioctl) over TLS: the relay runs beside NBD_DO_IT in the same process; ext4 round trip; SIGTERM disconnects', async () => {
-  const pki = makePki(await tmpDir('pki-'));
+test('-L (ioctl) over TLS with --tls-relay: the relay runs beside NBD_DO_IT in the same process; ext4 round trip; SIGTERM disconnects', async () => {
+  const pki = makePki(await tmpDir('pki-'), { ec: true });
   const file = await tmpFile(64 * MiB);
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', file]);
-  const fg = await startForeground(['-L', '--tls-certificates', pki, `127.0.0.1:${server.port}`, '/dev/nbd3']);
-  assert.match(fg.stdout(), /^\/dev\/nbd3 attached: 64 MiB .*export \(default\) over TLS, block size \d+, ioctl, supervisor pid \d+, logging to stderr\n/);
+  const fg = await startForeground(['-L', '--tls-relay', '--tls-certificates', pki, `127.0.0.1:${server.port}`, '/dev/nbd3']);
+  assert.match(fg.stdout(), /^\/dev\/nbd3 attached: 64 MiB .*export \(default\) over TLS \(relay, --tls-relay\), block size \d+, ioctl, supervisor pid \d+, logging to stderr\n/);
   const sums = await fillFilesystem(mounts, '/dev/nbd3');
   await verifyFilesystem(mounts, '/dev/nbd3', sums);
   assert.equal(await sha256('/dev/nbd3'), await sha256(file), "the server's file holds what went through the relay");

@@ -6,7 +6,7 @@
 //     and `nbd-attach -d` from another shell ends the adopted supervisor;
 //  4. -C 4: one of the four TCP connections killed with `ss -K`: the others carry on, it is replaced;
 //  5. network partition (netns + veth, link down for seconds) during I/O;
-//  6. TLS (nbds:// to nbdkit --tls=require): data reaches the server through the relay, a killed TCP
+//  6. TLS with --tls-relay (nbds:// to nbdkit --tls=require): data reaches the server through the relay, a killed TCP
 //     connection is replaced, a killed supervisor (whose relay dies with it) is adopted with TLS.
 
 import { test, before, after } from 'node:test';
@@ -347,10 +347,10 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
   }
 });
 
-test('TLS: nbds:// through the relay: data reaches the server, a killed TCP connection is replaced, a killed supervisor is adopted', { timeout: 1_200_000 }, async () => {
+test('TLS --tls-relay: nbds:// through the relay: data reaches the server, a killed TCP connection is replaced, a killed supervisor is adopted', { timeout: 1_200_000 }, async () => {
   await loadModule('inet_diag');
   await loadModule('tcp_diag');
-  const pki = makePki(await tmpDir('pki-'));
+  const pki = makePki(await tmpDir('pki-'), { ec: true });
   const disk = await tmpFile(DISK);
   // --tls=require: nbdkit refuses every option before STARTTLS, so a working attach is a TLS one.
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pki}`, 'file', disk]);
@@ -360,7 +360,7 @@ test('TLS: nbds:// through the relay: data reaches the server, a killed TCP conn
   assert.match(plain.stderr, /requires TLS.*-x\/--tls/);
   assert.ok(!existsSync('/sys/block/nbd6/pid'), 'nothing left attached by the refused attach');
 
-  const a = await cli([uri, '/dev/nbd6']);
+  const a = await cli(['--tls-relay', uri, '/dev/nbd6']);
   assert.equal(a.code, 0, a.stderr);
   assert.match(a.stdout, /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS.*supervisor pid (\d+), log (\S+)\n$/);
   const pid1 = Number(/supervisor pid (\d+)/.exec(a.stdout)![1]);

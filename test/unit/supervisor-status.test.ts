@@ -93,9 +93,14 @@ test('a TLS device: shown as such; without its supervisor, says that I/O waits f
   assert.deepEqual(readState(0)?.tls, { certificatesDir: '/etc/pki/nbd', hostname: 'disk.example' }, 'the state file keeps the TLS settings for --reattach');
   const live = statusOf(0, '/dev/nbd0', roots, (s) => s.pid === 1234);
   assert.equal(live.tls, true);
-  assert.match(formatStatus(live), /export 'disk' over TLS, connections 3\/4, supervisor pid 1234/);
+  assert.equal(live.tlsPath, 'relay', 'a state file without tlsPath is from the relay');
+  assert.match(formatStatus(live), /export 'disk' over TLS \(relay\), connections 3\/4, supervisor pid 1234/);
   const dead = statusOf(0, '/dev/nbd0', roots, () => false);
   assert.match(formatStatus(dead), /no supervisor \(it relayed the TLS connections: I\/O waits until nbd-attach --reattach\)/);
+  writeState(state({ tls: { certificatesDir: '/etc/pki/nbd' }, tlsPath: 'kernel' }));
+  const kernel = statusOf(0, '/dev/nbd0', roots, () => false);
+  assert.equal(kernel.tlsPath, 'kernel');
+  assert.match(formatStatus(kernel), /over TLS \(kernel TLS\), .*no supervisor \(adopt it with nbd-attach --reattach\)/, 'kernel TLS: I/O does not wait for a supervisor');
   writeState(state({}));
   assert.equal(statusOf(0, '/dev/nbd0', roots, () => true).tls, undefined);
 });
