@@ -17,7 +17,7 @@ import { type ConnectionSource, tlsSummary } from './source.ts';
 import type { Reporter } from './reporter.ts';
 import type { SupervisedAttachOptions } from './spec.ts';
 import { DEFAULT_DEAD_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S } from './policy.ts';
-import { type SupervisorState, logDir, readState, runDir, supervisorAlive, writeState } from './state.ts';
+import { type SupervisorState, logDir, processIdentity, readState, runDir, supervisorAlive, writeState } from './state.ts';
 import { openLogFile } from './log.ts';
 import { startSupervisor } from './handoff.ts';
 import { type DeviceLock, lockDevice } from './lock.ts';
@@ -178,6 +178,9 @@ export async function attachNew(
       writeState(base); // what the supervisor adopts; it rewrites it with its own pid
       const log = openLogFile(r.index, [logDir(), runDir()], onDevice(r.index));
       const pid = startSupervisor(r.device, { lockFd: lock.fd, logFd: log.fd, logFile: log.file, keptFds: kept }, { swap: opts.swap, systemdMark: opts.systemdMark });
+      // From now on the state names the supervisor (starting), as `status` and a second attach see it.
+      const started = processIdentity(pid)?.start;
+      writeState({ ...base, pid, ...(started !== undefined ? { pidStart: started } : {}), logFile: log.file });
       rep.ready(`${summary}, connections ${connections}, supervisor pid ${pid}, log ${log.file}`);
       mark('supervisor started');
       const t = timingLine();

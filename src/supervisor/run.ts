@@ -18,6 +18,7 @@ import { adopt } from './adopt.ts';
 import { ioctlLifeline } from './ioctl-lifeline.ts';
 import type { ServiceNotifier } from './resident.ts';
 import { HANDOFF_ENV, parseHandoff } from './handoff.ts';
+import { deviceState, parseDeviceName } from '../kernel/device.ts';
 
 export type { AttachSpec, SupervisedAttachOptions } from './spec.ts';
 
@@ -72,7 +73,10 @@ export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAtta
  * relay), -L (NBD_DO_IT); not for adoption (nothing to attach).
  */
 function handsOff(spec: AttachSpec, opts: SupervisedAttachOptions): boolean {
-  return spec.kind === 'remote' && spec.target.tls === false && opts.ioctl !== true;
+  if (spec.kind !== 'remote' || spec.target.tls !== false || opts.ioctl === true) return false;
+  // A named device that is attached already: an adoption (or a refusal), which the launcher runs.
+  const index = spec.device !== undefined ? parseDeviceName(spec.device) : undefined;
+  return index === undefined || deviceState(index).pid === undefined;
 }
 
 /** Where the connections come from; a local source opens the image (or allocates memory) now. */

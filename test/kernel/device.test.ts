@@ -48,7 +48,7 @@ test('check and detach semantics, already attached, mounted, busy', async () => 
   await mustRun('mount', ['/dev/nbd0', mnt]);
   const refused = await cli(['-d', '/dev/nbd0']);
   assert.equal(refused.code, 5, show(refused));
-  assert.match(refused.stderr, new RegExp(`mounted on ${mnt}: unmount it first`));
+  assert.match(refused.stderr, new RegExp(`is in use \\(mounted on ${mnt}\\): unmount it`));
   assert.ok(sysPid(0), 'still attached after the refusal');
   await mustRun('umount', [mnt]);
   const d = await cli(['detach', '/dev/nbd0']);
