@@ -5,13 +5,12 @@ import { readFileSync } from 'node:fs';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { looksLikePort } from '../address.ts';
 import { NbdError } from '../errors.ts';
-import { attach, ioctlDisconnect, preflight } from '../kernel/attach.ts';
 import { parseDeviceName } from '../kernel/device.ts';
 import { type ServerOptions, addServerOptions, formatSize } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
 import { RECONNECT_ATTEMPT_TIMEOUT_MS, backoffDelay } from '../supervisor/policy.ts';
 import { takeDetachRequested } from '../supervisor/state.ts';
-import { type SupervisedAttachOptions, openSource, residentProcessSetup, runSupervisedAttach } from '../supervisor/run.ts';
+import type { SupervisedAttachOptions } from '../supervisor/run.ts';
 import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
 import type { ConnectionSource } from '../supervisor/source.ts';
 
@@ -138,6 +137,8 @@ export function register(program: Command): void {
     const warn = (m: string): void => void process.stderr.write(`nbd-attach: warning: ${m}\n`);
     // The background supervisor re-reads the same file; warnings are printed once, by the launcher.
     const { positionals, opts } = applyNbdtab([a1, a2, a3], given, (given as SupervisedAttachOptions).supervisorChild ? () => undefined : warn);
+    // Loaded now, not at start-up: --help, check or list never need the supervisor (src/cli.ts).
+    const { openSource, runSupervisedAttach } = await import('../supervisor/run.ts');
     // netlink: stay resident and reconnect (src/supervisor/); -L keeps the foreground ioctl path below.
     if (opts.ioctl !== true) return runSupervisedAttach(positionals, opts as AttachCliOptions & SupervisedAttachOptions);
     const { source, device } = await openSource(positionals, opts);
@@ -152,6 +153,8 @@ export function register(program: Command): void {
 /** -L: this process holds the device through NBD_DO_IT; no netlink, so no supervised reconnect. */
 async function attachIoctl(source: ConnectionSource, device: string | undefined, opts: AttachCliOptions): Promise<void> {
   const useIoctl = true;
+  const { attach, ioctlDisconnect, preflight } = await import('../kernel/attach.ts');
+  const { residentProcessSetup } = await import('../supervisor/run.ts');
   await preflight({ device, useIoctl });
   const conn = await source.connect(opts.connectTimeout);
   const notice = (m: string): void => {
@@ -219,6 +222,7 @@ async function reconnectIoctl(
   notice: (m: string) => void,
   stopping: () => boolean,
 ): Promise<{ done: Promise<{ ret: number; message?: string }> } | undefined> {
+  const { attach } = await import('../kernel/attach.ts');
   for (let attempt = 0; !stopping(); attempt++) {
     try {
       const conn = await source.connect(Math.min(opts.connectTimeout, RECONNECT_ATTEMPT_TIMEOUT_MS));

@@ -16,7 +16,7 @@ import { loadNbd, mustRun, run, requireGuest, startNbdkit, startNbdServer, start
 import { makePki } from '../lib/servers.ts';
 
 requireGuest();
-const CLI = join(process.cwd(), 'bin/nbd-attach.js');
+const CLI = join(process.cwd(), 'dist/nbd-attach.mjs'); // built on the host by test/vm/run.sh
 const REPS = Number(process.env.BENCH_REPS ?? 5);
 const FIO_SECONDS = Number(process.env.BENCH_FIO_SECONDS ?? 5);
 const MiB = 1024 * 1024;

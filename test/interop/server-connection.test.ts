@@ -16,7 +16,7 @@ import { MemoryBackend, openFileBackend } from '../../src/server/backends.ts';
 import type { Backend, ServedExport } from '../../src/server/export.ts';
 import { makeExport, memoryExport, serveConnection, startServer, type RunningServer, type ServedConnection, type ServerOptions } from '../../src/server/index.ts';
 import { NbdError } from '../../src/errors.ts';
-import { loadTlsContext } from '../../src/commands/serve.ts';
+import { loadTlsContext } from '../../src/commands/serve-run.ts';
 import { makePki } from '../lib/servers.ts';
 
 const TIMEOUT = 10_000;
