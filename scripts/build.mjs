@@ -32,7 +32,8 @@ const isOutput = (name) => name.endsWith('.mjs') || name.endsWith('.mjs.map');
 
 export async function build({ outdir = DIST } = {}) {
   fs.mkdirSync(outdir, { recursive: true });
-  const tmp = fs.mkdtempSync(path.join(outdir, '.build-'));
+  // Beside outdir, at the same depth: the source maps' relative paths (../src/…) stay right after the move.
+  const tmp = fs.mkdtempSync(path.join(path.dirname(outdir), `.${path.basename(outdir)}-build-`));
   try {
     await esbuild.build({
       absWorkingDir: ROOT,
