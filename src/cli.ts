@@ -4,6 +4,7 @@
 import { Command, CommanderError } from 'commander';
 import { ExitCode, NbdError, exitCodeOf } from './errors.ts';
 import { oneLine as printable } from './text.ts';
+import { VERSION } from './version.ts';
 import * as listCommand from './commands/list.ts';
 import * as infoCommand from './commands/info.ts';
 import * as serveCommand from './commands/serve.ts';
@@ -65,7 +66,7 @@ export function normalizeArgv(args: readonly string[], commandNames: readonly st
 export function buildProgram(): Command {
   const program = new Command('nbd-attach')
     .description('Attach a Network Block Device export to a Linux /dev/nbdN, and keep it attached.')
-    .version('0.1.0', '-V, --version')
+    .version(VERSION, '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (str, write) => write(oneLine(str)) });
   for (const c of COMMANDS) c.register(program);

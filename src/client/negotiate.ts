@@ -18,10 +18,11 @@ import {
 } from '../protocol/handshake.ts';
 import { type KernelTlsParams, kernelTlsHandoff, startTlsTapped } from './ktls.ts';
 import { relayForKernel, startTls, tlsConnectOptions } from './tls.ts';
+import { DEFAULT_CONNECT_TIMEOUT_MS } from './defaults.ts';
 
 const debug = createDebug('nbd:client');
 
-export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+export { DEFAULT_CONNECT_TIMEOUT_MS };
 /** Keepalive probes start after this much idle time (the kernel-side supervisor tunes more later). */
 export const KEEPALIVE_IDLE_MS = 10_000;
 

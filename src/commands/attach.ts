@@ -8,7 +8,7 @@ import { NbdError } from '../errors.ts';
 import { parseDeviceName } from '../kernel/device.ts';
 import { type ServerOptions, addServerOptions, resolveTarget } from './common.ts';
 import { addSupervisorOptions } from '../supervisor/options.ts';
-import { type AttachSpec, type SupervisedAttachOptions, runSupervisedAttach } from '../supervisor/run.ts';
+import type { AttachSpec, SupervisedAttachOptions } from '../supervisor/run.ts';
 import { DEFAULT_NBDTAB, findNbdtabEntry, nbdtabSettings, parseNbdtab } from '../nbdtab.ts';
 
 export interface AttachCliOptions extends ServerOptions {
@@ -135,6 +135,8 @@ export function register(program: Command): void {
     // The background supervisor re-reads the same file; warnings are printed once, by the launcher.
     const { positionals, opts } = applyNbdtab([a1, a2, a3], given, (given as SupervisedAttachOptions).supervisorChild ? () => undefined : warn);
     // Netlink: a resident supervisor that reconnects; -L: the ioctl lifeline (src/supervisor/).
+    // Loaded now, not at start-up: --help, check or list never need the supervisor (src/cli.ts).
+    const { runSupervisedAttach } = await import('../supervisor/run.ts');
     return runSupervisedAttach(attachSpec(positionals, opts), opts as AttachCliOptions & SupervisedAttachOptions);
   });
 }

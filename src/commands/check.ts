@@ -3,14 +3,14 @@
 
 import type { Command } from 'commander';
 import { ExitCode } from '../errors.ts';
-import { check } from '../kernel/attach.ts';
 
 export function register(program: Command): void {
   program
     .command('check')
     .description('is /dev/nbdN attached? prints the pid and exits 0, else exits 1 (nbd-client -c)')
     .argument('<device>', '/dev/nbdN, nbdN or any block node of major 43')
-    .action((device: string) => {
+    .action(async (device: string) => {
+      const { check } = await import('../kernel/check.ts');
       const r = check(device);
       if (r.pid !== undefined) {
         process.stdout.write(`${r.pid}\n`);

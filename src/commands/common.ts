@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { type Target, type TlsSettings, parseAddress } from '../address.ts';
 import { NbdError } from '../errors.ts';
-import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/negotiate.ts';
+import { DEFAULT_CONNECT_TIMEOUT_MS } from '../client/defaults.ts';
 import { transmissionFlagNames } from '../protocol/constants.ts';
 import type { ExportInfo } from '../protocol/handshake.ts';
 import { formatByteCount } from '../server/size.ts';

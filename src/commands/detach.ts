@@ -2,7 +2,6 @@
 // DISCONNECT + CLEAR_SOCK with -L or when the kernel has no netlink family.
 
 import type { Command } from 'commander';
-import { detach } from '../kernel/attach.ts';
 import { markDetachRequested, pidAlive, readState } from '../supervisor/state.ts';
 
 /** How long `detach` waits for the device's supervisor to finish (flush a local image, exit). */
@@ -34,6 +33,7 @@ export function register(program: Command): void {
     .option('-L, --ioctl', 'use the ioctl interface instead of netlink')
     .option('--force', 'disconnect even when mounted (the filesystem then gets I/O errors)')
     .action(async (devices: string[], opts: { ioctl?: boolean; force?: boolean }) => {
+      const { detach } = await import('../kernel/attach.ts');
       for (const device of devices) {
         const r = await detach({
           device,

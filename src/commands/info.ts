@@ -2,7 +2,6 @@
 
 import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
-import { exportInfo } from '../client/negotiate.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
 import { display, jsonText } from '../text.ts';
 
@@ -14,6 +13,7 @@ export function register(program: Command): void {
     .option('--json', 'print JSON for scripts')
     .action(async (host: string | undefined, port: string | undefined, opts: ServerOptions & { json?: boolean }) => {
       const { target, exportName } = resolveTarget(host, port, opts);
+      const { exportInfo } = await import('../client/negotiate.ts');
       const r = await exportInfo(target, exportName, { timeoutMs: opts.connectTimeout });
       const info = r.info!;
       if (opts.json) {

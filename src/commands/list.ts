@@ -2,7 +2,6 @@
 
 import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
-import { listExports } from '../client/negotiate.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
 import { display, jsonString, jsonText, oneLine } from '../text.ts';
 
@@ -15,6 +14,7 @@ export function register(program: Command): void {
     .option('--no-details', 'names only: do not ask NBD_OPT_INFO for each export')
     .action(async (host: string | undefined, port: string | undefined, opts: ServerOptions & { json?: boolean; details: boolean }) => {
       const { target } = resolveTarget(host, port, opts);
+      const { listExports } = await import('../client/negotiate.ts');
       const r = await listExports(target, { timeoutMs: opts.connectTimeout, details: opts.details });
       const exports = r.exports ?? [];
       if (opts.json) {

@@ -2,7 +2,6 @@
 // without udev, with the minors the loaded module's max_part implies. Idempotent.
 
 import { InvalidArgumentError, Option, type Command } from 'commander';
-import { mknodAll } from '../kernel/mknod.ts';
 
 export function register(program: Command): void {
   program
@@ -16,7 +15,8 @@ export function register(program: Command): void {
     )
     .addOption(new Option('--prefix <prefix>', 'node name prefix').choices(['nbd', 'nd']).default('nbd'))
     .option('--dir <dir>', 'directory for the nodes', '/dev')
-    .action((opts: { count?: number; prefix: 'nbd' | 'nd'; dir: string }) => {
+    .action(async (opts: { count?: number; prefix: 'nbd' | 'nd'; dir: string }) => {
+      const { mknodAll } = await import('../kernel/mknod.ts');
       const r = mknodAll({ ...(opts.count !== undefined ? { count: opts.count } : {}), prefix: opts.prefix, dir: opts.dir });
       process.stdout.write(`created ${r.created.length} node(s), ${r.existing.length} already present (max_part=${r.maxPart})\n`);
     });

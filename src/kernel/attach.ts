@@ -401,8 +401,8 @@ function pickFreeDevice(roots: Roots): DeviceRef {
 }
 
 function startWorker(req: DoItRequest): Worker {
-  // From the bundle (bin/bundle.js), this module is part of cli.mjs and the worker's own bundle
-  // sits beside it.
+  // Built (scripts/build.mjs), this module is a chunk of dist/ and the worker's own entry,
+  // doit-worker.mjs, sits beside it.
   if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./doit-worker.mjs', import.meta.url), { workerData: req });
   // Workers do not inherit tsx's loader hooks: register them in the worker, then load the TS entry.
   const api = import.meta.resolve('tsx/esm/api');
@@ -609,32 +609,8 @@ export async function detach(opts: DetachOptions): Promise<DetachResult> {
   return { index: dev.index, device: dev.path, wasAttached: true, interface: iface };
 }
 
-export interface CheckResult {
-  index: number;
-  device: string;
-  /** Thread id from /sys/block/nbdN/pid when attached. */
-  pid?: number;
-  backend?: string;
-  sizeBytes: bigint;
-}
-
-/** nbd-client -c: attached when sysfs has a pid. Needs no privilege. */
-export function check(device: string, roots: Roots = DEFAULT_ROOTS): CheckResult {
-  const op = 'check';
-  if (!moduleInfo(roots).loaded) {
-    // No module: nothing is attached. A path that is not nbdN is still examined (and refused if not nbd).
-    const byName = parseDeviceName(device);
-    if (byName !== undefined) return { index: byName, device, sizeBytes: 0n };
-    resolveDevice(device, roots, op);
-    throw moduleMissingError(op);
-  }
-  const dev = resolveDevice(device, roots, op);
-  const st = deviceState(dev.index, roots);
-  const r: CheckResult = { index: dev.index, device: dev.path, sizeBytes: st.sizeBytes };
-  if (st.pid !== undefined) r.pid = st.pid;
-  if (st.backend !== undefined) r.backend = st.backend;
-  return r;
-}
+// check: src/kernel/check.ts (sysfs only; `nbd-attach check` loads nothing else).
+export { type CheckResult, check } from './check.ts';
 
 /**
  * Checks worth failing on before connecting to the server: privilege, module, device argument

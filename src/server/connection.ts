@@ -44,7 +44,8 @@ const SCRATCH_SIZE = 256 * 1024;
  */
 const handshakeRead = Buffer.allocUnsafeSlow(16 * 1024);
 /** Default time from accept to the end of option haggling (qemu-nbd's --handshake-limit is 10 s too). */
-export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+export { DEFAULT_HANDSHAKE_TIMEOUT_MS } from './defaults.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS } from './defaults.ts';
 /** Below this many missing payload bytes, read into the scratch buffer instead. */
 const DIRECT_MIN = 16 * 1024;
 /**

@@ -25,8 +25,8 @@ export { parseSize, formatSize } from './size.ts';
 const log = createDebug('nbd:server');
 
 /** Default caps on open connections (`serve --max-connections`, `--max-connections-per-address`). */
-export const DEFAULT_MAX_CONNECTIONS = 128;
-export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 32;
+export { DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS } from './defaults.ts';
+import { DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS } from './defaults.ts';
 
 export interface ServerOptions {
   exports: ServedExport[];

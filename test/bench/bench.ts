@@ -18,7 +18,7 @@ import { makePki } from '../lib/servers.ts';
 import { writeBenchResults } from './report.ts';
 
 requireGuest();
-const CLI = join(process.cwd(), 'bin/nbd-attach.js');
+const CLI = join(process.cwd(), 'dist/nbd-attach.mjs'); // built on the host by test/vm/run.sh
 const REPS = Number(process.env.BENCH_REPS ?? 5);
 const FIO_SECONDS = Number(process.env.BENCH_FIO_SECONDS ?? 5);
 const MiB = 1024 * 1024;

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
-nbd-attach() { node "$ROOT/bin/nbd-attach.js" "$@"; }
+nbd-attach() { node "$ROOT/dist/nbd-attach.mjs" "$@"; }   # dist/ as test/vm/run.sh built it on the host
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 

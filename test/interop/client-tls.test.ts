@@ -16,7 +16,7 @@ import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
 import { socketTuning } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 import { remoteSource } from '../../src/supervisor/source.ts';
-import { type ServerHandle, makePki, readExact, runCli, sparseFile, startNbdServer, startNbdkit, startOurServer, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
+import { type ServerHandle, CLI_ARGS, makePki, readExact, runCli, sparseFile, startNbdServer, startNbdkit, startOurServer, startQemuNbd, startServer, tmpDir } from '../lib/servers.ts';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const dir = tmpDir('nbd-client-tls-');
@@ -197,7 +197,7 @@ describe('client TLS against nbd-server, qemu-nbd and our own server', { timeout
     const usrv = await startServer({
       name: 'nbd-attach serve',
       file: process.execPath,
-      args: () => [path.join(REPO, 'bin/nbd-attach.js'), 'serve', `odisk=${img}`, '--unix', sock, '--tls', 'require', '--tls-certificates', pki],
+      args: () => [...CLI_ARGS, 'serve', `odisk=${img}`, '--unix', sock, '--tls', 'require', '--tls-certificates', pki],
       socketPath: sock,
       startTimeoutMs: 30_000,
     });

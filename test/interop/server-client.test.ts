@@ -3,9 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { readExact } from '../lib/servers.ts';
+import { CLI_ARGS, readExact } from '../lib/servers.ts';
 import { after, before, describe, it } from 'node:test';
 import type { Target } from '../../src/address.ts';
 import { negotiate } from '../../src/client/negotiate.ts';
@@ -13,8 +11,6 @@ import { Cmd, SIMPLE_REPLY_LENGTH, TransmissionFlag } from '../../src/protocol/c
 import { decodeSimpleReply, encodeRequest } from '../../src/protocol/codec.ts';
 import { memoryExport, startServer, type RunningServer } from '../../src/server/index.ts';
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const BIN = path.join(REPO, 'bin/nbd-attach.js');
 
 /** Read exactly n bytes from a paused socket (bounded by the test timeout). */
 describe('nbd-attach client against nbd-attach serve', { timeout: 60_000 }, () => {
@@ -77,7 +73,7 @@ describe('nbd-attach client against nbd-attach serve', { timeout: 60_000 }, () =
   // The server runs in this process: the CLI must run asynchronously (spawnSync would block it).
   const cli = (args: string[]): Promise<{ status: number; stdout: string; stderr: string }> =>
     new Promise((resolve) => {
-      execFile(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 20_000 }, (err, stdout, stderr) => {
+      execFile(process.execPath, [...CLI_ARGS, ...args], { encoding: 'utf8', timeout: 20_000 }, (err, stdout, stderr) => {
         resolve({ status: err ? Number((err as { code?: unknown }).code ?? 1) : 0, stdout, stderr });
       });
     });

@@ -20,7 +20,7 @@ import { NbdError } from '../../src/errors.ts';
 import { ENDED_WHILE_PAUSED } from '../../src/server/connection.ts';
 import { socketPair } from '../../src/socket-pair.ts';
 import { PayloadBudget } from '../../src/server/budget.ts';
-import { loadTlsContext } from '../../src/commands/serve.ts';
+import { loadTlsContext } from '../../src/commands/serve-run.ts';
 import { makePki } from '../lib/servers.ts';
 
 const TIMEOUT = 10_000;

@@ -12,7 +12,8 @@ import { Cmd, Opt } from '../../src/protocol/constants.ts';
 import { encodeOption, encodeRequest } from '../../src/protocol/codec.ts';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const BIN = path.join(REPO, 'bin/nbd-attach.js');
+// The built CLI (npm ci builds dist/): its memory is what a user's `serve` uses, without tsx's loader.
+const BIN = path.join(REPO, 'dist/nbd-attach.mjs');
 const CONNECTIONS = 4;
 const READS = 64; // per connection: 256 × 4 MiB in all
 const READ_SIZE = 4 * 1024 * 1024;

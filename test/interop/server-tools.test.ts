@@ -5,14 +5,11 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { makePki, sparseFile } from '../lib/servers.ts';
+import { CLI_ARGS, makePki, sparseFile } from '../lib/servers.ts';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { after, before, describe, it } from 'node:test';
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const BIN = path.join(REPO, 'bin/nbd-attach.js');
 const STEP_TIMEOUT = 30_000;
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-serve-tools-'));
@@ -32,7 +29,7 @@ interface Served {
 
 /** Start `nbd-attach serve ARGS --port 0` and wait (bounded) for its "listening on" line. */
 async function serve(args: string[]): Promise<Served> {
-  const child = spawn(process.execPath, [BIN, 'serve', ...args, '--port', '0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...CLI_ARGS, 'serve', ...args, '--port', '0'], { stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   let out = '';
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
@@ -246,32 +243,32 @@ describe('nbd-attach serve: defaults, read-only, shutdown, usage', { timeout: 12
   });
 
   it('usage errors exit 2 with one line', () => {
-    const tls = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'require']);
+    const tls = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls', 'require']);
     assert.equal(tls.status, 2);
     assert.match(tls.stderr, /^nbd-attach: serve --tls require: give --tls-certificates DIR/);
-    const certs = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', path.join(dir, 'no-pki')]);
+    const certs = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', path.join(dir, 'no-pki')]);
     assert.equal(certs.status, 2);
     assert.match(certs.stderr, /^nbd-attach: serve --tls-certificates: cannot read .*server-cert\.pem: ENOENT/);
-    const verifyAlone = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls-verify-peer']);
+    const verifyAlone = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls-verify-peer']);
     assert.equal(verifyAlone.status, 2);
     assert.match(verifyAlone.stderr, /^nbd-attach: serve --tls-verify-peer: also give --tls on or --tls require/);
     const noCa = path.join(dir, 'no-ca');
     mkdirSync(noCa);
-    const verifyNoCa = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-verify-peer']);
+    const verifyNoCa = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-verify-peer']);
     assert.equal(verifyNoCa.status, 2);
     assert.match(verifyNoCa.stderr, /^nbd-attach: serve --tls-verify-peer: .*ca-cert\.pem is missing/);
-    const both = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-psk', path.join(noCa, 'keys.psk')]);
+    const both = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls', 'on', '--tls-certificates', noCa, '--tls-psk', path.join(noCa, 'keys.psk')]);
     assert.equal(both.status, 2);
     assert.match(both.stderr, /^nbd-attach: serve: give either --tls-certificates or --tls-psk, not both/);
     const badPsk = path.join(dir, 'bad.psk');
     writeFileSync(badPsk, 'alice:c0ffee\nbob=123\n');
-    const pskLine = run(process.execPath, [BIN, 'serve', '--memory', '1M', '--tls', 'on', '--tls-psk', badPsk]);
+    const pskLine = run(process.execPath, [...CLI_ARGS, 'serve', '--memory', '1M', '--tls', 'on', '--tls-psk', badPsk]);
     assert.equal(pskLine.status, 2);
     assert.match(pskLine.stderr, /^nbd-attach: serve --tls-psk: .*bad\.psk line 2 is not IDENTITY:HEXKEY/);
-    const missing = run(process.execPath, [BIN, 'serve', path.join(dir, 'missing.img')]);
+    const missing = run(process.execPath, [...CLI_ARGS, 'serve', path.join(dir, 'missing.img')]);
     assert.equal(missing.status, 2);
     assert.match(missing.stderr, /no such file/);
-    const none = run(process.execPath, [BIN, 'serve']);
+    const none = run(process.execPath, [...CLI_ARGS, 'serve']);
     assert.equal(none.status, 2);
     assert.match(none.stderr, /nothing to serve/);
   });

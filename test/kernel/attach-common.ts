@@ -1,18 +1,19 @@
-// Shared helpers for the attach/device kernel tests: run the real CLI (node bin/nbd-attach.js) in the
+// Shared helpers for the attach/device kernel tests: run the real CLI (dist/, CLI_ARGS) in the
 // VM, keep a foreground (ioctl) attach running, detach everything in cleanup.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { after, before } from 'node:test';
+import { CLI_ARGS } from '../lib/servers.ts';
 import { cleanup, loadNbd, mustRun, requireGuest, run, sh, sha256, tmpDir, unloadNbd, waitFor, type RunOptions, type RunResult } from './lib.ts';
 
-export const CLI = join(process.cwd(), 'bin/nbd-attach.js');
-/** CLI start-up under software emulation is slow (tsx compiles on the first run of each boot). */
+export { CLI_ARGS };
+/** CLI start-up under software emulation is slow. */
 export const CLI_TIMEOUT_MS = 120_000;
 
 export function cli(args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
-  return run(process.execPath, [CLI, ...args], { timeoutMs: CLI_TIMEOUT_MS, ...opts });
+  return run(process.execPath, [...CLI_ARGS, ...args], { timeoutMs: CLI_TIMEOUT_MS, ...opts });
 }
 
 export function show(r: RunResult): string {
@@ -45,7 +46,7 @@ export interface Foreground {
 const foregrounds = new Set<ChildProcess>();
 
 export async function startForeground(args: readonly string[]): Promise<Foreground> {
-  const child = spawn(process.execPath, [CLI, '-n', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   foregrounds.add(child);
   let out = '';
   let err = '';

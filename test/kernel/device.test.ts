@@ -7,7 +7,7 @@ import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { asUnprivileged, cleanup, loadNbd, mustRun, requireGuest, startNbdkit, tmpDir, unloadNbd, waitFor } from './lib.ts';
-import { CLI, CLI_TIMEOUT_MS, cli, detachEverything, show, sysPid } from './attach-common.ts';
+import { CLI_ARGS, CLI_TIMEOUT_MS, cli, detachEverything, show, sysPid } from './attach-common.ts';
 
 requireGuest();
 const mounts: string[] = [];
@@ -173,7 +173,7 @@ test('clear errors without the module and without root', async () => {
   assert.equal(chk.code, 1, show(chk));
 
   await loadNbd({ nbds_max: 2 });
-  const unpriv = (args: string[]) => asUnprivileged([process.execPath, CLI, ...args], { timeoutMs: CLI_TIMEOUT_MS });
+  const unpriv = (args: string[]) => asUnprivileged([process.execPath, ...CLI_ARGS, ...args], { timeoutMs: CLI_TIMEOUT_MS });
   const devDir2 = await tmpDir('dev-');
   const [a, d, m, c] = await Promise.all([
     unpriv(['127.0.0.1', String(server.port), '/dev/nbd0']),

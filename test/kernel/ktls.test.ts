@@ -36,11 +36,11 @@ import net from 'node:net';
 import { makePki } from '../lib/servers.ts';
 import { ContentType, RecordSplitter } from '../../src/client/ktls-keys.ts';
 import { startForeground } from './attach-common.ts';
+import { CLI_ARGS } from '../lib/servers.ts';
 
 requireGuest();
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = `${REPO}bin/nbd-attach.js`;
 const CLI_MS = 300_000;
 const DISK = 64 << 20;
 
@@ -53,7 +53,7 @@ async function pki(): Promise<string> {
 }
 
 function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
-  return run(process.execPath, [BIN, ...args], { cwd: REPO, timeoutMs });
+  return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
 }
 
 /** /proc/net/tls_stat as numbers (the file appears with tls.ko). */

@@ -16,11 +16,11 @@ import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cleanup, detachAllNbd, isListening, loadNbd, nbdSizeBytes, requireGuest, run, type RunResult, sha256, startNbdkit, tmpFile, waitFor } from './lib.ts';
+import { CLI_ARGS } from '../lib/servers.ts';
 
 requireGuest();
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = `${REPO}bin/nbd-attach.js`;
 const CLI_MS = 300_000;
 
 interface Sup {
@@ -32,7 +32,7 @@ interface Sup {
 
 /** `nbd-attach -n …` in the foreground; resolves on its ready line. */
 function startForeground(args: readonly string[]): Promise<Sup> {
-  const proc = spawn(process.execPath, [BIN, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
   proc.stderr!.on('data', (b: Buffer) => (out += b.toString()));
@@ -145,7 +145,7 @@ test('server restarted with a grown image: applied and logged; with a smaller on
   assert.match(sup.out(), /the export shrank from 100663296 to 33554432 bytes.*not handing this connection to the kernel/);
   assert.match(sup.out(), /giving up after \d+ s \(dead timeout 8 s\)/);
   assert.equal(nbdSizeBytes(1), 96 << 20, 'the device never took the smaller size');
-  await run(process.execPath, [BIN, '-d', '--force', '/dev/nbd1'], { cwd: REPO, timeoutMs: CLI_MS });
+  await run(process.execPath, [...CLI_ARGS, '-d', '--force', '/dev/nbd1'], { cwd: REPO, timeoutMs: CLI_MS });
   await server.stop();
 });
 

@@ -32,14 +32,13 @@ import {
   tmpFile,
   waitFor,
 } from './lib.ts';
-import { makePki } from '../lib/servers.ts';
+import { CLI_ARGS, makePki } from '../lib/servers.ts';
 import { socketTuning, tuneSocket } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 
 requireGuest();
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = `${REPO}bin/nbd-attach.js`;
 // Start-up of the CLI in the emulated guest can take tens of seconds when the host is busy.
 const CLI_MS = 300_000;
 const DISK = 64 << 20;
@@ -53,7 +52,7 @@ interface Sup {
 
 /** `nbd-attach -n …` in the foreground; resolves on its ready line. */
 function startForeground(args: readonly string[]): Promise<Sup> {
-  const proc = spawn(process.execPath, [BIN, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
   proc.stderr!.on('data', (b: Buffer) => (out += b.toString()));
@@ -79,7 +78,7 @@ function startForeground(args: readonly string[]): Promise<Sup> {
 }
 
 function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
-  return run(process.execPath, [BIN, ...args], { cwd: REPO, timeoutMs });
+  return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
 }
 
 function writesCompleted(index: number): number {

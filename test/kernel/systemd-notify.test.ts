@@ -20,11 +20,11 @@ import { fileURLToPath } from 'node:url';
 import { DatagramListener } from '../../native-bindings/unix-dgram.ts';
 import { kernelSuite } from './attach-common.ts';
 import { run, startNbdkit, tmpDir } from './lib.ts';
+import { CLI_ARGS } from '../lib/servers.ts';
 
 kernelSuite();
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = `${REPO}bin/nbd-attach.js`;
 // Start-up of the CLI in the emulated guest can take tens of seconds when the host is busy.
 const CLI_MS = 300_000;
 
@@ -42,7 +42,7 @@ interface Sup {
 }
 
 function startSupervisor(args: readonly string[], env: Record<string, string>): Sup {
-  const proc = spawn(process.execPath, [BIN, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   procs.add(proc);
   let out = '';
   proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
@@ -157,7 +157,7 @@ test('a killed connection: STATUS= update; nbd-attach -d (ExecStop): STOPPING=1,
   assert.equal(k.code, 0, k.stderr);
   await until(l, 4, sup, (f) => f['STATUS'] !== undefined, 120_000, 'STATUS= after the connection was killed');
 
-  const d = await run(process.execPath, [BIN, '-d', '/dev/nbd4'], { cwd: REPO, timeoutMs: CLI_MS });
+  const d = await run(process.execPath, [...CLI_ARGS, '-d', '/dev/nbd4'], { cwd: REPO, timeoutMs: CLI_MS });
   assert.equal(d.code, 0, `${d.stdout}\n${d.stderr}`);
   await until(l, 4, sup, (f) => f['STOPPING'] === '1', 60_000, 'STOPPING=1 after nbd-attach -d');
   const end = await sup.exit;

@@ -18,6 +18,18 @@ const debug = createDebug('nbd:test-servers');
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
+/**
+ * How the tests start the CLI: `spawn(process.execPath, [...CLI_ARGS, 'serve', …])`. On the host
+ * the sources run through tsx, so what runs is what src/ says now; in the test VM it is dist/, which
+ * test/vm/run.sh builds on the host before the boot (tsx costs seconds per start under emulation,
+ * and the guest's checkout is read-only). NBD_TEST_CLI=dist or =src chooses either way.
+ * test/interop/package.test.ts tests dist/ itself on the host.
+ */
+export const CLI_ARGS: readonly string[] =
+  (process.env.NBD_TEST_CLI ?? (process.env.NBD_VM_GUEST === '1' ? 'dist' : 'src')) === 'dist'
+    ? [path.join(REPO, 'dist/nbd-attach.mjs')]
+    : ['--import', import.meta.resolve('tsx'), path.join(REPO, 'src/main.ts')];
+
 export function tmpDir(prefix = 'nbd-attach-test-'): string {
   return mkdtempSync(path.join(os.tmpdir(), prefix));
 }
@@ -333,8 +345,8 @@ export function startOurServer(args: readonly string[]): Promise<ServerHandle> {
   return startServer({
     name: 'nbd-attach serve',
     file: process.execPath,
-    args: (port) => [join(REPO, 'bin/nbd-attach.js'), 'serve', '--port', String(port), ...args],
-    startTimeoutMs: 120_000, // Node + tsx start-up under software emulation
+    args: (port) => [...CLI_ARGS, 'serve', '--port', String(port), ...args],
+    startTimeoutMs: 120_000, // Node start-up under software emulation
   });
 }
 
@@ -357,10 +369,10 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Run the real CLI (`bin/nbd-attach.js`) with a hard time limit. */
+/** Run the real CLI (CLI_ARGS) with a hard time limit. */
 export function runCli(args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [path.join(REPO, 'bin/nbd-attach.js'), ...args], {
+    const child = spawn(process.execPath, [...CLI_ARGS, ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, ...opts.env },
     });

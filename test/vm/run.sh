@@ -61,10 +61,12 @@ case "$CWD" in
   /|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) die "cannot run from $CWD: cd into the checkout first" ;;
 esac
 
-# The guest sees the checkout read-only: compile the CLI's bundle here (bin/bundle.js), or every
-# CLI start in the guest runs the sources through tsx (same behaviour, seconds slower).
-if [ -f "$CWD/bin/bundle.js" ]; then
-  (cd "$CWD" && node bin/bundle.js >/dev/null) || echo "vm-run: no CLI bundle: the guest runs the sources through tsx" >&2
+# The guest runs the CLI from dist/ (test/lib/servers.ts CLI_ARGS) and sees the checkout read-only:
+# build it here when it is missing or older than a source (scripts/build.mjs, about a second).
+if [ -f "$CWD/scripts/build.mjs" ]; then
+  if [ ! -f "$CWD/dist/nbd-attach.mjs" ] || [ -n "$(cd "$CWD" && find src native-bindings scripts/build.mjs package.json -newer dist/nbd-attach.mjs -print -quit 2>/dev/null)" ]; then
+    (cd "$CWD" && node scripts/build.mjs >/dev/null) || die "npm run build failed: the guest has no CLI to run"
+  fi
 fi
 
 # Guest watchdog fires first so the log shows what hung; then the host kills qemu.

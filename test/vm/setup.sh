@@ -42,6 +42,7 @@ PACKAGES=(
   qemu-system-x86 busybox-static cpio kmod
   nbdkit nbd-server nbd-client qemu-utils fio e2fsprogs iproute2 libnbd-bin util-linux procps fdisk
   openssl   # test certificates for the server's TLS (interop tests)
+  man-db    # renders the Debian package's man pages (test/interop/package.test.ts)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
