@@ -57,11 +57,13 @@ test('SIGTERM to the supervisor of a mounted device leaves it attached and worki
   const mnt = await tmpDir('mnt-');
   await mustRun('mount', ['/dev/nbd1', mnt]);
   mounts.push(mnt);
+  // The supervisor started beside the command: signal it once it runs (its first log line).
+  const logFile = /, log (\S+)$/m.exec(a.stdout)?.[1];
+  assert.ok(logFile, a.stdout);
+  await waitFor(() => readFileSync(logFile, 'utf8').includes(`supervising (pid ${pid},`), 120_000, { what: 'the supervisor running' });
   process.kill(pid, 'SIGTERM');
   await waitFor(() => !alive(pid), 30_000, { what: 'supervisor exit after SIGTERM' });
   assert.ok(sysPid(1) !== undefined, 'the device is still attached');
-  const logFile = /, log (\S+)$/m.exec(a.stdout)?.[1];
-  assert.ok(logFile, a.stdout);
   const log = readFileSync(logFile, 'utf8');
   assert.match(log, /SIGTERM: \/dev\/nbd1 is in use \(mounted on [^)]*\): leaving it attached/);
   await mustSh(`dd if=/dev/urandom of=${mnt}/after bs=64k count=16 status=none conv=fsync && sync`);
