@@ -2,7 +2,6 @@
 // socket positioned exactly at the start of the transmission phase (nothing read past the handshake).
 
 import net from 'node:net';
-import tls from 'node:tls';
 import createDebug from 'debug';
 import { type Endpoint, type Target, describeEndpoint } from '../address.ts';
 import { NbdError } from '../errors.ts';
@@ -16,8 +15,8 @@ import {
   type ServerStyle,
   type Via,
 } from '../protocol/handshake.ts';
-import { type KernelTlsParams, kernelTlsHandoff, startTlsTapped } from './ktls.ts';
-import { relayForKernel, startTls, tlsConnectOptions } from './tls.ts';
+// TLS (node:tls, the relay, kernel TLS key work) is loaded only for a TLS target.
+import type { KernelTlsParams } from './ktls.ts';
 import { DEFAULT_CONNECT_TIMEOUT_MS } from './defaults.ts';
 
 const debug = createDebug('nbd:client');
@@ -211,11 +210,13 @@ async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: num
   const deadline = Date.now() + timeoutMs;
   const where = describeEndpoint(target.endpoint);
   // TLS files are read before connecting, so a wrong path is a usage error, not a network one.
-  const tlsOptions = target.tls ? tlsConnectOptions(target.tls, target.endpoint) : undefined;
+  const tlsMod = target.tls ? await import('./tls.ts') : undefined;
+  const tlsOptions = target.tls && tlsMod ? tlsMod.tlsConnectOptions(target.tls, target.endpoint) : undefined;
+  const tapped = tlsOptions && kernelTls && target.endpoint.kind === 'tcp' ? (await import('./ktls.ts')).startTlsTapped : undefined;
   const transport = await connectSocket(target.endpoint, deadline);
   try {
-    const start = kernelTls && target.endpoint.kind === 'tcp' ? startTlsTapped : startTls;
-    const upgrade = tlsOptions && ((plain: net.Socket) => start(plain, tlsOptions, where));
+    const start = tapped ?? tlsMod?.startTls;
+    const upgrade = tlsOptions && start && ((plain: net.Socket) => start(plain, tlsOptions, where));
     const { result, socket } = await runHandshake(transport, new ClientHandshake({ ...goal, tls: target.tls !== false }), deadline, where, upgrade);
     return { socket, transport, result };
   } catch (err) {
@@ -242,18 +243,20 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
   }
   const { socket, transport, result } = attempt;
   const ready = transmissionReady(socket, result);
-  if (!(socket instanceof tls.TLSSocket)) return ready;
+  if (target.tls === false) return ready;
+  const { relayForKernel } = await import('./tls.ts');
   let relayReason: string | undefined;
   if (opts.kernelTls) {
     if (target.endpoint.kind !== 'tcp') relayReason = 'kernel TLS needs a TCP connection (this is a unix socket)';
     else {
-      const h = await kernelTlsHandoff(socket);
+      const { kernelTlsHandoff } = await import('./ktls.ts');
+      const h = await kernelTlsHandoff(socket as import('node:tls').TLSSocket);
       if ('socket' in h) return { ...ready, socket: h.socket, ktls: h.params };
       relayReason = h.refused;
     }
   }
   try {
-    return { ...ready, socket: relayForKernel(socket, describeEndpoint(target.endpoint)), transport, ...(relayReason !== undefined ? { relayReason } : {}) };
+    return { ...ready, socket: relayForKernel(socket as import('node:tls').TLSSocket, describeEndpoint(target.endpoint)), transport, ...(relayReason !== undefined ? { relayReason } : {}) };
   } catch (err) {
     transport.destroy();
     throw err;

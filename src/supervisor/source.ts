@@ -9,8 +9,8 @@ import createDebug from 'debug';
 import { type Endpoint, type Target, type TlsSettings, describeEndpoint } from '../address.ts';
 import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';
-import { socketPair } from '../socket-pair.ts';
-import { type ServedConnection, type ServedExport, fileExport, memoryExport, parseSize, serveConnection } from '../server/index.ts';
+// The built-in server is loaded only for local attach (a remote attach never needs it).
+import type { ServedConnection, ServedExport } from '../server/index.ts';
 import { installKernelTls } from '../kernel/ktls.ts';
 import { tuneSocket } from './kernel-ops.ts';
 
@@ -108,6 +108,8 @@ export interface LocalSourceOptions {
  */
 export async function localSource(opts: LocalSourceOptions): Promise<ConnectionSource> {
   if (opts.file !== undefined && opts.memory !== undefined) throw new NbdError('NBD_E_USAGE', 'give --file or --memory, not both');
+  const { fileExport, memoryExport, parseSize, serveConnection } = await import('../server/index.ts');
+  const { socketPair } = await import('../socket-pair.ts');
   let exp: ServedExport;
   let server: string;
   if (opts.file !== undefined) {
@@ -130,7 +132,7 @@ export async function localSource(opts: LocalSourceOptions): Promise<ConnectionS
     await exp.backend.close();
     throw new NbdError('NBD_E_USAGE', `${server}: the image is empty; give it a size first (e.g. truncate -s 1G ${opts.file ?? 'IMAGE'})`);
   }
-  return servedSource(exp, server);
+  return servedSource(exp, server, { serveConnection, socketPair });
 }
 
 /**
@@ -140,7 +142,13 @@ export async function localSource(opts: LocalSourceOptions): Promise<ConnectionS
  * export (src/server/activity.ts). The kernel's resent requests can then not be overtaken. `close()`
  * waits for every connection to be over (writes included) before flushing and closing the export.
  */
-export function servedSource(exp: ServedExport, server: string): ConnectionSource {
+/** What serving on socketpairs needs (passed in: this module loads the server only for local attach). */
+export interface ServeParts {
+  serveConnection: typeof import('../server/index.ts').serveConnection;
+  socketPair: typeof import('../socket-pair.ts').socketPair;
+}
+
+export function servedSource(exp: ServedExport, server: string, { serveConnection, socketPair }: ServeParts): ConnectionSource {
   const served = new Set<ServedConnection>();
   let closed: Promise<void> | undefined;
   return {

@@ -127,9 +127,12 @@ test('the built CLI runs from dist/, writes nothing there, and loads only what t
     for (const heavy of ['tls', '_tls_wrap', 'worker_threads', 'crypto']) assert.ok(!l.builtins.has(heavy), `${args.join(' ')} loads node:${heavy}`);
     for (const heavy of ['koffi', 'debug']) assert.ok(!l.packages.has(heavy), `${args.join(' ')} loads ${heavy}`);
   }
-  // And the probe can see them: `list` does load TLS and debug.
+  // And the probe can see them: `list` loads the client (debug) but TLS only when asked for.
   const list = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t);
-  assert.ok(list.builtins.has('tls') && list.packages.has('debug'), 'list loads the client (TLS, debug)');
+  assert.ok(list.packages.has('debug'), 'list loads the client (debug)');
+  assert.ok(!list.builtins.has('tls'), 'a plain list does not load node:tls');
+  const listTls = loadedBy(['list', '-x', '--no-tls-verify', '127.0.0.1:1', '--connect-timeout', '1'], t);
+  assert.ok(listTls.builtins.has('tls'), 'list -x loads node:tls');
 });
 
 test('npm pack: the tarball holds dist/ and the man pages, and installs and runs offline', (t) => {

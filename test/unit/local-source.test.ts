@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import type net from 'node:net';
 import { localSource, servedSource } from '../../src/supervisor/source.ts';
 import { MemoryBackend } from '../../src/server/backends.ts';
-import { makeExport, type Backend } from '../../src/server/index.ts';
+import { makeExport, serveConnection, type Backend } from '../../src/server/index.ts';
+import { socketPair } from '../../src/socket-pair.ts';
 import { encodeRequest, decodeSimpleReply } from '../../src/protocol/codec.ts';
 import { Cmd, TransmissionFlag, WireErr } from '../../src/protocol/constants.ts';
 
@@ -123,7 +124,7 @@ test('a dropped connection\'s running WRITE lands before the next connection is 
     flush: () => inner.flush(),
     close: () => inner.close(),
   };
-  const src = servedSource(makeExport(backend, ''), 'local test');
+  const src = servedSource(makeExport(backend, ''), 'local test', { serveConnection, socketPair });
   try {
     const a = await src.connect(5000);
     a.socket.write(Buffer.concat([encodeRequest({ flags: 0, type: Cmd.WRITE, cookie: 1n, offset: 0n, length: 4096 }), Buffer.alloc(4096, 0xaa)]));
