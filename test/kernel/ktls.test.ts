@@ -279,7 +279,7 @@ test('-L (ioctl) with kernel TLS: the device works with NBD_DO_IT holding the TL
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
   const fg = await startForeground(['-L', '--tls-certificates', pkiDir, `127.0.0.1:${server.port}`, '/dev/nbd6']);
   try {
-    assert.match(fg.stdout(), /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS \(kernel TLS\), block size \d+, ioctl\n/);
+    assert.match(fg.stdout(), /^\/dev\/nbd6 attached: 64 MiB .*export \(default\) over TLS \(kernel TLS\), block size \d+, ioctl, supervisor pid \d+, logging to stderr\n/);
     assert.equal(unixSockets(fg.child.pid!), 0, 'no relay beside NBD_DO_IT');
     await roundTrip('/dev/nbd6', disk);
     process.kill(fg.child.pid!, 'SIGTERM');
