@@ -124,6 +124,35 @@ exec mkinitramfs -d ${q(conf)} -o ${q(out)} ${q(kver)}`;
   }
 }
 
+/**
+ * An initramfs built by dracut 059 (Debian's dracut-core + dracut-network, unpacked by
+ * test/boot/setup.sh with dpkg -x into the cache, not installed: Debian's dracut and
+ * initramfs-tools packages conflict) with packaging/dracut/95nbd-attach in its module directory,
+ * the shell init (no systemd), network-legacy for ip=, and the cached kernel's modules.
+ */
+export function buildDracut(out: string, opts: { lib: string }): void {
+  const kver = kernelVersion();
+  const base = tmpDir('nbd-boot-dracut-');
+  try {
+    cpSync(path.join(CACHE, 'dracut/root/usr/lib/dracut'), base, { recursive: true, verbatimSymlinks: true });
+    cpSync(path.join(REPO, 'packaging/dracut/95nbd-attach'), path.join(base, 'modules.d/95nbd-attach'), { recursive: true });
+    const confdir = path.join(base, 'conf.d');
+    mkdirSync(confdir, { recursive: true });
+    cpSync(path.join(REPO, 'packaging/dracut/nbd-attach.conf'), path.join(confdir, '50-nbd-attach.conf'));
+    const env = { ...process.env, dracutbasedir: base, NBD_ATTACH_LIB: opts.lib };
+    must(path.join(CACHE, 'dracut/root/usr/bin/dracut'), [
+      '--force', '--quiet', '--no-hostonly', '--no-hostonly-cmdline', '--no-early-microcode',
+      '--conf', '/dev/null', '--confdir', confdir, '--tmpdir', base,
+      '--kmoddir', path.join(CACHE, 'kernel-root/lib/modules', kver),
+      '--modules', 'bash base rootfs-block kernel-modules kernel-network-modules network-legacy network udev-rules nbd-attach',
+      '--drivers', 'ext4 virtio_net virtio_pci',
+      '--zstd', out, kver,
+    ], { env, timeoutMs: 600_000 });
+  } finally {
+    rmSync(base, { recursive: true, force: true });
+  }
+}
+
 function q(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }

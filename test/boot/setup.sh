@@ -17,3 +17,21 @@ fi
 # mkinitramfs reads the kernel's modules from /lib/modules/VERSION: the tests bind the unpacked
 # tree there inside a private mount namespace, which needs the directory to exist.
 mkdir -p /lib/modules
+
+# dracut: Debian's dracut conflicts with initramfs-tools, so it is unpacked (dpkg -x), never
+# installed, into the cache; its network-legacy module needs dhclient and arping on the host.
+CACHE="${NBD_ATTACH_CACHE:-${HOME:-/root}/.cache/nbd-attach}"
+for p in isc-dhcp-client iputils-arping; do
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || {
+    echo "boot-setup: installing $p"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+  }
+done
+if ! [ -x "$CACHE/dracut/root/usr/bin/dracut" ]; then
+  echo "boot-setup: unpacking dracut-core and dracut-network into $CACHE/dracut (dpkg -x, not installed)"
+  rm -rf "$CACHE/dracut"
+  mkdir -p "$CACHE/dracut/debs" "$CACHE/dracut/root.tmp"
+  ( cd "$CACHE/dracut/debs" && apt-get download -qq -o APT::Sandbox::User=root dracut-core dracut-network )
+  for d in "$CACHE"/dracut/debs/*.deb; do dpkg -x "$d" "$CACHE/dracut/root.tmp"; done
+  mv "$CACHE/dracut/root.tmp" "$CACHE/dracut/root"
+fi
