@@ -46,6 +46,8 @@ export function followRootIfInitramfs(log: (m: string) => void): RootFollower | 
     if (!rootIsInitramfs(fs.readFileSync('/proc/self/mountinfo', 'utf8'))) return undefined;
     if (!fs.existsSync('/init') && !fs.existsSync('/etc/initrd-release')) return undefined;
     procFd = fs.openSync('/proc', fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    // koffi (fchdir, chroot) now, while its files are there: the initramfs is emptied at switch_root.
+    libc.errnoName(0);
   } catch {
     return undefined;
   }

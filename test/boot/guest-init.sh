@@ -23,6 +23,7 @@ if [ -n "$marker" ]; then
 fi
 
 if [ -n "$writer" ]; then
+  if [ -n "$(arg bt.debug)" ]; then sleep 2; ps -o pid,comm,args | grep -v '\[' > /dev/console; cat /run/nbd-attach/nbd0.log > /dev/console; fi
   say "writer-start seconds=$writer"
   start=$(cut -d. -f1 /proc/uptime)
   i=0; bad=0; failed=0

@@ -36,6 +36,14 @@ until nbd-attach "$@"; do
     sleep 3
 done
 
+# The supervisor starts beside the command and must have loaded all of itself before the
+# initramfs is emptied at switch_root: wait until it says it is supervising (30 s at most).
+n=0
+until grep -q 'supervising (pid' "/run/nbd-attach/${NBDROOT_DEVICE#/dev/}.log" 2>/dev/null || [ "$n" -ge 300 ]; do
+    sleep 0.1; n=$((n + 1))
+done
+[ "$n" -lt 300 ] || warn "nbd-attach: the supervisor of $NBDROOT_DEVICE did not report in 30 s"
+
 if [ "$NBDROOT_ROOT" != "$NBDROOT_DEVICE" ]; then
     blockdev --rereadpt "$NBDROOT_DEVICE" 2> /dev/null || dd if="$NBDROOT_DEVICE" of=/dev/null bs=4096 count=1 2> /dev/null
     wait_for_dev -n "$NBDROOT_ROOT" 2> /dev/null
