@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lay out /usr/lib/nbd-attach as the Debian package installs it, from this checkout, into DEST:
-#   DEST/dist/nbd-attach.mjs, DEST/dist/doit-worker.mjs  the built bundle
+#   DEST/nbd-attach.mjs, DEST/doit-worker.mjs, DEST/chunk-*.mjs  the built modules (npm run build)
 #   DEST/node_modules/{commander,debug,ms,koffi,@koromix/koffi-linux-x64}  run-time packages
 #   DEST/boot-files.sh  what the initramfs hooks copy (packaging/boot/files.sh)
 # The boot tests point the hooks at DEST with NBD_ATTACH_LIB=DEST.
@@ -10,11 +10,11 @@ set -euo pipefail
 DEST="${1:?usage: stage-lib.sh DEST}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 rm -rf "$DEST"
-mkdir -p "$DEST/dist" "$DEST/node_modules"
+mkdir -p "$DEST/node_modules"
 if [ -f "$ROOT/scripts/build.mjs" ]; then
   # The project's own build (npm run build) writes dist/.
   (cd "$ROOT" && node scripts/build.mjs >/dev/null)
-  cp -p "$ROOT"/dist/*.mjs "$DEST/dist/"
+  cp -p "$ROOT"/dist/*.mjs "$DEST/"
 else
   # One self-contained module per entry; the worker sits beside the CLI (src/kernel/attach.ts).
   (cd "$ROOT" && node --input-type=module -e "
@@ -28,7 +28,7 @@ else
       target: 'node20', packages: 'external', logLevel: 'warning',
     });
     fs.rmSync(out + '/.entry.ts');
-  " "$DEST/dist")
+  " "$DEST")
 fi
 for p in commander debug ms koffi @koromix; do
   [ -e "$ROOT/node_modules/$p" ] || { echo "stage-lib: node_modules/$p is missing: run npm ci" >&2; exit 1; }

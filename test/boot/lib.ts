@@ -138,7 +138,7 @@ export function buildDracut(out: string, opts: { lib: string }): void {
     cpSync(path.join(REPO, 'packaging/dracut/95nbd-attach'), path.join(base, 'modules.d/95nbd-attach'), { recursive: true });
     const confdir = path.join(base, 'conf.d');
     mkdirSync(confdir, { recursive: true });
-    cpSync(path.join(REPO, 'packaging/dracut/nbd-attach.conf'), path.join(confdir, '50-nbd-attach.conf'));
+    cpSync(path.join(REPO, 'packaging/dracut.conf.d/50-nbd-attach.conf'), path.join(confdir, '50-nbd-attach.conf'));
     const env = { ...process.env, dracutbasedir: base, NBD_ATTACH_LIB: opts.lib };
     must(path.join(CACHE, 'dracut/root/usr/bin/dracut'), [
       '--force', '--quiet', '--no-hostonly', '--no-hostonly-cmdline', '--no-early-microcode',
