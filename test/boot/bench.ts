@@ -26,7 +26,7 @@ try {
   const times: Record<string, number[]> = { 'nbd-attach': [], 'nbd-client': [] };
   for (let i = 0; i < reps; i++) {
     for (const [name, initrd] of [['nbd-attach', ours], ['nbd-client', theirs]] as const) {
-      const r = await boot({ initrd, append: `${GUEST_IP} nbdroot=${GUEST_SERVER},rootfs,nbd0 rw`, serverPort: server.port, timeoutMs: 420_000 });
+      const r = await boot({ initrd, append: `${GUEST_IP} nbdroot=${GUEST_SERVER},rootfs,nbd0 root=/dev/nbd0 rw`, serverPort: server.port, timeoutMs: 420_000 });
       const up = Number(r.values.get('uptime'));
       if (r.timedOut || !r.lines.includes('done') || !Number.isFinite(up)) {
         throw new Error(`${name}: the boot did not reach the root's init:\n${r.console.split('\n').slice(-40).join('\n')}`);
