@@ -53,6 +53,8 @@ interface Bindings {
   setsockopt: Fn;
   getsockopt: Fn;
   mknod: Fn;
+  fchdir: Fn;
+  chroot: Fn;
   sigfillset: Fn;
   pthread_sigmask: Fn;
   gettid: Fn;
@@ -103,6 +105,8 @@ function lib(): Bindings {
     setsockopt: f('int setsockopt(int fd, int level, int optname, const void *optval, uint32_t optlen)'),
     getsockopt: f('int getsockopt(int fd, int level, int optname, _Out_ void *optval, _Inout_ uint32_t *optlen)'),
     mknod: f('int mknod(const char *path, uint32_t mode, uint64_t dev)'),
+    fchdir: f('int fchdir(int fd)'),
+    chroot: f('int chroot(const char *path)'),
     sigfillset: f('int sigfillset(_Out_ void *set)'),
     pthread_sigmask: f('int pthread_sigmask(int how, const void *set, _Out_ void *oldset)'),
     gettid: f('int gettid()'),
@@ -374,4 +378,14 @@ export function watchReadable(fd: number, onReadable: () => void): FdWatcher {
     else if (ev?.readable || ev?.disconnect) onReadable();
   }) as unknown as (ev: { readable: boolean; writable: boolean; disconnect: boolean }) => void);
   return { close: () => h.close(), unref: () => h.unref(), ref: () => h.ref() };
+}
+
+/** fchdir(2): make the directory open as `fd` the working directory. */
+export function fchdir(fd: number): void {
+  check(lib().fchdir(fd), 'fchdir');
+}
+
+/** chroot(2), relative to the working directory when `path` is. */
+export function chroot(path: string): void {
+  check(lib().chroot(path), 'chroot');
 }

@@ -12,6 +12,8 @@
 //     packaging/systemd/**         → /usr/lib/systemd/system/
 //     packaging/initramfs-tools/** → /usr/share/initramfs-tools/
 //     packaging/dracut/**          → /usr/lib/dracut/modules.d/
+//     packaging/dracut.conf.d/**   → /usr/lib/dracut/dracut.conf.d/
+//     packaging/boot/files.sh      → /usr/lib/nbd-attach/boot-files.sh (what the initramfs hooks copy)
 //     packaging/debian/{preinst,postinst,prerm,postrm}   → the package's maintainer scripts
 import fs from 'node:fs';
 import os from 'node:os';
@@ -29,6 +31,7 @@ export const SYSTEM_DIRS = {
   systemd: 'usr/lib/systemd/system',
   'initramfs-tools': 'usr/share/initramfs-tools',
   dracut: 'usr/lib/dracut/modules.d',
+  'dracut.conf.d': 'usr/lib/dracut/dracut.conf.d',
 };
 const MAINTAINER_SCRIPTS = ['preinst', 'postinst', 'prerm', 'postrm'];
 /** Platform directories of koffi's prebuilt native modules (koffi.node), e.g. linux_x64, musl_x64. */
@@ -139,6 +142,8 @@ export async function buildDeb({ outdir = path.join(ROOT, 'dist') } = {}) {
       fs.chmodSync(path.join(lib, name), 0o644);
     }
     for (const name of runtimePackages()) copyPackage(path.join(ROOT, 'node_modules', name), path.join(lib, 'node_modules', name));
+    fs.copyFileSync(path.join(ROOT, 'packaging/boot/files.sh'), path.join(lib, 'boot-files.sh'));
+    fs.chmodSync(path.join(lib, 'boot-files.sh'), 0o644);
 
     const sbin = path.join(stage, 'usr/sbin');
     fs.mkdirSync(sbin, { recursive: true });

@@ -13,9 +13,10 @@ import * as detachCommand from './commands/detach.ts';
 import * as checkCommand from './commands/check.ts';
 import * as mknodCommand from './commands/mknod.ts';
 import * as statusCommand from './commands/status.ts';
+import * as bootArgsCommand from './commands/boot-args.ts';
 
 /** Command modules, each `register(program)`. Order is the order of `--help`. */
-const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand];
+const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand, bootArgsCommand];
 
 /** Top-level nbd-client switches that select a command, with the command they select. */
 const COMPAT_COMMANDS: Record<string, string> = {

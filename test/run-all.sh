@@ -5,7 +5,8 @@
 #
 # 1. system packages, the test kernel and its initramfs (test/vm/setup.sh; cached), npm packages;
 # 2. type check; 3. unit tests; 4. interop tests against real servers on loopback;
-# 5. kernel tests inside one qemu VM boot (test/kernel/run.sh).
+# 5. kernel tests inside one qemu VM boot (test/kernel/run.sh); 6. real boots with the root on NBD
+#    (test/boot/: initramfs-tools and dracut initramfs images, each booted by qemu).
 # Prints one closing line "tests: N passed, N failed, N skipped" over all three runs; exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,8 @@ shopt -s nullglob
 run_suite unit node --import tsx --test --test-reporter=tap test/unit/*.test.ts
 run_suite interop node --import tsx --test --test-reporter=tap --test-concurrency=2 test/interop/*.test.ts
 run_suite kernel bash test/kernel/run.sh
+# Real boots of a diskless machine with its root on NBD (test/boot/: initramfs-tools, dracut).
+run_suite boot node --import tsx --test --test-reporter=tap --test-concurrency=1 test/boot/*.test.ts
 
 echo
 # Skipped tests (e.g. no IPv6 loopback) are not passes: they are counted apart.

@@ -18,6 +18,7 @@ import { type SupervisorState, logDir, processIdentity, removeState, runDir, wri
 import { Supervisor } from './supervisor.ts';
 import { serverChangeDeps } from './shutdown-watch.ts';
 import { type Notifier, createNotifier, deviceStatusText } from '../systemd/notify.ts';
+import { followRootIfInitramfs } from './follow-root.ts';
 
 /** What systemd is told (src/systemd/notify.ts; a no-op without $NOTIFY_SOCKET). */
 export type ServiceNotifier = Pick<Notifier, 'ready' | 'status' | 'stopping' | 'flush' | 'close'>;
@@ -30,7 +31,22 @@ export type ServiceNotifier = Pick<Notifier, 'ready' | 'status' | 'stopping' | '
  * alive (root or swap on NBD must outlive the unmount); Node's process.title rewrites argv in place.
  */
 export function residentProcessSetup(how: { swap?: boolean | undefined; systemdMark?: boolean | undefined; device: string }, note: (m: string) => void): void {
-  if (how.systemdMark) process.title = `@nbd-attach ${how.device}`;
+  if (how.systemdMark) {
+    // systemd docs/ROOT_STORAGE_DAEMONS.md: argv[0] starts with '@', comm stays what it was
+    // (libuv's process.title also renames the thread: put the name back).
+    let comm: string | undefined;
+    try {
+      comm = fs.readFileSync('/proc/self/comm', 'utf8').trim();
+    } catch {
+      comm = undefined;
+    }
+    process.title = `@nbd-attach ${how.device}`;
+    try {
+      if (comm) fs.writeFileSync('/proc/self/comm', comm);
+    } catch {
+      // best effort: the mark is what systemd reads
+    }
+  }
   if (how.swap) {
     try {
       fs.writeFileSync('/proc/self/oom_score_adj', '-1000');
@@ -143,6 +159,7 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
     log('warning: --swap with the TLS relay can deadlock: every swapped page passes through this process, which is kept from the OOM killer but not locked in memory (kernel TLS, the default, has no such process)');
   }
   const state: SupervisorState = { ...base };
+  const follower = followRootIfInitramfs(log);
   const selfPids = new Set([process.pid]);
   let lastStatus = '';
   const sup = new Supervisor<LiveCandidate>(
@@ -189,7 +206,12 @@ export async function supervise(base: SupervisorState, ops: KernelOps, how: Resi
         lastStatus = text;
       },
       every: (ms, fn) => {
-        const t = setInterval(fn, ms);
+        const t = setInterval(() => {
+          // Between switch_root moving /sys away and this process following PID 1 into the real
+          // root, the device cannot be checked (it would look detached): skip those ticks.
+          if (follower && !follower.check()) return;
+          fn();
+        }, ms);
         return () => clearInterval(t);
       },
       ...serverChangeDeps(base),

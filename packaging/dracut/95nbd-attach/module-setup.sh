@@ -1,0 +1,52 @@
+#!/bin/bash
+# dracut module: attach the root file system over NBD with nbd-attach (instead of dracut's own
+# 95nbd, which runs nbd-client). Same kernel command lines as the initramfs-tools script:
+# root=nbd:SERVER:PORT_OR_EXPORT[:FSTYPE[:MOUNTOPTS[:NBDOPTS]]] (or netroot=), root=nbd://… and
+# nbds://…, nbd-client's nbdroot=SERVER,PORT_OR_NAME[,nbdX] with root=/dev/nbdX[pN]; the network
+# comes from dracut's network module (ip=). Parsing: `nbd-attach boot-args` (src/boot/cmdline.ts).
+# Node.js makes the image about 30 MB larger: the module is only included when asked for
+# (`dracut --add nbd-attach`, or add_dracutmodules+=" nbd-attach " in a dracut.conf.d file).
+
+# called by dracut
+check() {
+    local _lib="${NBD_ATTACH_LIB:-/usr/lib/nbd-attach}"
+    [[ -r "$_lib/boot-files.sh" ]] || return 1
+    return 255
+}
+
+# called by dracut
+depends() {
+    echo network rootfs-block
+}
+
+# called by dracut
+installkernel() {
+    instmods nbd
+}
+
+# called by dracut
+install() {
+    NBD_ATTACH_LIB="${NBD_ATTACH_LIB:-/usr/lib/nbd-attach}"
+    # shellcheck source=../../boot/files.sh
+    . "$NBD_ATTACH_LIB/boot-files.sh"
+    nbd_attach_boot_check || return 1
+    local _f
+    while read -r _f; do
+        inst_simple "$NBD_ATTACH_LIB/$_f" "/usr/lib/nbd-attach/$_f"
+    done < <(nbd_attach_boot_files)
+    inst_binary "$NBD_ATTACH_NODE" /usr/bin/node
+    mkdir -p "$initdir/usr/sbin"
+    nbd_attach_boot_wrapper > "$initdir/usr/sbin/nbd-attach"
+    chmod 755 "$initdir/usr/sbin/nbd-attach"
+    if [[ -d $NBD_ATTACH_TLS_DIR ]]; then
+        for _f in "$NBD_ATTACH_TLS_DIR"/*; do
+            [[ -f $_f ]] && inst_simple "$_f"
+        done
+    fi
+    inst_multiple -o blockdev
+    inst_hook cmdline 90 "$moddir/parse-nbd-attach.sh"
+    # dracut's network module calls /sbin/${netroot%%:*}root once an interface is up.
+    inst_script "$moddir/nbd-attach-root.sh" /sbin/nbdroot
+    inst_script "$moddir/nbd-attach-root.sh" /sbin/nbdsroot
+    dracut_need_initqueue
+}
