@@ -132,3 +132,38 @@ export function kernelSuite(nbdsMax = 8): string[] {
   });
   return mounts;
 }
+
+/** A supervisor run in the foreground (`-n`), resolved on its ready line. */
+export interface Sup {
+  proc: ChildProcess;
+  readyLine: string;
+  out(): string;
+  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** `nbd-attach -n …` in the foreground; resolves on its ready line ("attached" or "adopted"). */
+export function startSupervised(args: readonly string[], limitMs = 300_000): Promise<Sup> {
+  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
+  proc.stderr!.on('data', (b: Buffer) => (out += b.toString()));
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.on('exit', (code, signal) => r({ code, signal })));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`supervisor not ready within ${limitMs} ms:\n${out}`));
+    }, limitMs);
+    const check = (): void => {
+      const m = /^(\/dev\/nbd\d+ (?:attached|adopted):.*)$/m.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ proc, readyLine: m[1]!, out: () => out, exit });
+      }
+    };
+    proc.stdout!.on('data', check);
+    void exit.then((e) => {
+      clearTimeout(timer);
+      reject(new Error(`supervisor exited (${e.code ?? e.signal}) before ready:\n${out}`));
+    });
+  });
+}

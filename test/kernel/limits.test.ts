@@ -11,50 +11,17 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cleanup, detachAllNbd, isListening, loadNbd, nbdSizeBytes, requireGuest, run, type RunResult, sha256, startNbdkit, tmpFile, waitFor } from './lib.ts';
 import { CLI_ARGS } from '../lib/servers.ts';
+import { type Sup, startSupervised } from './attach-common.ts';
 
 requireGuest();
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const CLI_MS = 300_000;
-
-interface Sup {
-  proc: ChildProcess;
-  readyLine: string;
-  out(): string;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
-
-/** `nbd-attach -n …` in the foreground; resolves on its ready line. */
-function startForeground(args: readonly string[]): Promise<Sup> {
-  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
-  proc.stderr!.on('data', (b: Buffer) => (out += b.toString()));
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.on('exit', (code, signal) => r({ code, signal })));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`supervisor not ready within ${CLI_MS} ms:\n${out}`));
-    }, CLI_MS);
-    proc.stdout!.on('data', () => {
-      const m = /^(\/dev\/nbd\d+ attached:.*)$/m.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ proc, readyLine: m[1]!, out: () => out, exit });
-      }
-    });
-    void exit.then((e) => {
-      clearTimeout(timer);
-      reject(new Error(`supervisor exited (${e.code ?? e.signal}) before ready:\n${out}`));
-    });
-  });
-}
 
 async function stopSupervisor(sup: Sup): Promise<void> {
   sup.proc.kill('SIGTERM');
@@ -85,7 +52,7 @@ test('64 KiB maximum payload enforced by nbdkit: dd bs=1M oflag=direct and mkfs 
     '--filter=blocksize-policy', 'file', disk,
     'blocksize-error-policy=error', 'blocksize-minimum=512', 'blocksize-preferred=4096', 'blocksize-maximum=65536',
   ]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd0']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd0']);
   assert.equal(queue(0, 'max_sectors_kb'), 64);
   assert.equal(queue(0, 'discard_max_bytes'), 65536, 'nbdkit file supports TRIM: discards bounded too');
 
@@ -124,7 +91,7 @@ test('64 KiB maximum payload enforced by nbdkit: dd bs=1M oflag=direct and mkfs 
 test('server restarted with a grown image: applied and logged; with a smaller one: refused until the dead timeout', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(64 << 20);
   const server = await startNbdkit(['file', disk]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd1', '--dead-timeout', '8', '-t', '5']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd1', '--dead-timeout', '8', '-t', '5']);
   assert.equal(nbdSizeBytes(1), 64 << 20);
 
   server.kill('SIGKILL');
@@ -164,7 +131,7 @@ function fioSummary(r: RunResult): FioRead {
 test('graceful nbdkit restart (SIGTERM → NBD_ESHUTDOWN) under reads: connections dropped at once, new server serving within 2 s', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(32 << 20, { random: true });
   const server = await startNbdkit(['file', disk]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd2']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd2']);
   const fio = run(
     'fio',
     [
@@ -213,7 +180,7 @@ test('graceful nbdkit restart (SIGTERM → NBD_ESHUTDOWN) under reads: connectio
 test('graceful nbdkit restart with an idle device: the idle probe gets the ESHUTDOWN reply, the old server leaves', { timeout: 600_000 }, async () => {
   const disk = await tmpFile(16 << 20, { random: true });
   const server = await startNbdkit(['file', disk]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd3']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd3']);
   await delay(3000); // idle: nothing but the supervisor's own probes
   const tTerm = Date.now();
   server.kill('SIGTERM');

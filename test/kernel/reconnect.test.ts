@@ -35,6 +35,7 @@ import {
 import { CLI_ARGS, makePki } from '../lib/servers.ts';
 import { socketTuning, tuneSocket } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
+import { type Sup, startSupervised } from './attach-common.ts';
 
 requireGuest();
 
@@ -42,40 +43,6 @@ const REPO = fileURLToPath(new URL('../..', import.meta.url));
 // Start-up of the CLI in the emulated guest can take tens of seconds when the host is busy.
 const CLI_MS = 300_000;
 const DISK = 64 << 20;
-
-interface Sup {
-  proc: ChildProcess;
-  readyLine: string;
-  out(): string;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
-
-/** `nbd-attach -n …` in the foreground; resolves on its ready line. */
-function startForeground(args: readonly string[]): Promise<Sup> {
-  const proc = spawn(process.execPath, [...CLI_ARGS, '-n', ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (b: Buffer) => (out += b.toString()));
-  proc.stderr!.on('data', (b: Buffer) => (out += b.toString()));
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.on('exit', (code, signal) => r({ code, signal })));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`supervisor not ready within ${CLI_MS} ms:\n${out}`));
-    }, CLI_MS);
-    const check = (): void => {
-      const m = /^(\/dev\/nbd\d+ (?:attached|adopted):.*)$/m.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ proc, readyLine: m[1]!, out: () => out, exit });
-      }
-    };
-    proc.stdout!.on('data', check);
-    void exit.then((e) => {
-      clearTimeout(timer);
-      reject(new Error(`supervisor exited (${e.code ?? e.signal}) before ready:\n${out}`));
-    });
-  });
-}
 
 function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
   return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
@@ -188,7 +155,7 @@ async function restartUnderFio(server: ServerHandle, index: number, writes: numb
 test('server killed and restarted on the same port under fio --verify: zero I/O errors', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(DISK);
   const server = await startNbdkit(['file', disk]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd0']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd0']);
   assert.match(sup.readyLine, /^\/dev\/nbd0 attached: 64 MiB .*netlink.*supervisor pid \d+, logging to stderr$/);
   const fio = await restartUnderFio(server, 0, 200, 3000);
   const back = Date.now();
@@ -212,7 +179,7 @@ test('server killed and restarted on the same port under fio --verify: zero I/O 
 test('server gone longer than the dead timeout: I/O fails with EIO (no hang), then the device recovers', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(DISK);
   const server = await startNbdkit(['file', disk]);
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd1', '--dead-timeout', '5', '-t', '5']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd1', '--dead-timeout', '5', '-t', '5']);
   await probeRead('/dev/nbd1');
   server.kill('SIGKILL');
   await server.exited();
@@ -280,7 +247,7 @@ test('-C 4: one TCP connection killed with ss -K: I/O continues on the others an
     const r = await run('ss', ['-Htn', 'state', 'established', 'dst', `127.0.0.1:${server.port}`]);
     return r.stdout.split('\n').filter((l) => l.trim() !== '');
   };
-  const sup = await startForeground([`127.0.0.1:${server.port}`, '/dev/nbd3', '-C', '4']);
+  const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd3', '-C', '4']);
   assert.match(sup.readyLine, /connections 4/);
   assert.equal((await established()).length, 4);
   const fio = startFio('/dev/nbd3', 30);
@@ -322,7 +289,7 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
     await sh(`ip -n ${ns} addr add 10.231.0.2/24 dev vnbd1 && ip -n ${ns} link set vnbd1 up && ip -n ${ns} link set lo up`);
     server = spawn('ip', ['netns', 'exec', ns, 'nbdkit', '-f', '-i', '10.231.0.2', '-p', String(port), 'file', disk], { stdio: 'ignore' });
     await delay(1000);
-    sup = await startForeground([`10.231.0.2:${port}`, '/dev/nbd4']);
+    sup = await startSupervised([`10.231.0.2:${port}`, '/dev/nbd4']);
     const fio = startFio('/dev/nbd4', 50);
     const w0 = writesCompleted(4);
     await waitFor(() => writesCompleted(4) > w0 + 100, 120_000, { what: 'fio writing' });
