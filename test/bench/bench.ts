@@ -40,7 +40,7 @@ async function timed(file: string, args: string[]): Promise<number> {
   return performance.now() - t0;
 }
 
-/** The issue's start-up targets: attach ≤ 3×, detach and check ≤ 2.5× nbd-client; --version ≤ 1.25× `node -e 0`; idle supervisor ≤ 45 MB. */
+/** Start-up targets: attach ≤ 3×, detach and check ≤ 2.5× nbd-client; --version ≤ 1.25× `node -e 0`; idle supervisor ≤ 45 MB. */
 const TARGETS = { attach: 3, detach: 2.5, check: 2.5, version: 1.25, rssMB: 45 };
 const verdict = (r: number, max: number): string => (r <= max ? `target ≤ ${max}×: met` : `target ≤ ${max}×: NOT met`);
 
@@ -191,7 +191,7 @@ const SERVER_REPS = Number(process.env.BENCH_SERVER_REPS ?? 5);
 const SERVER_WARM = Number(process.env.BENCH_SERVER_WARM ?? 12);
 
 /**
- * The image of the server comparison: a file on the guest's /tmp (tmpfs: the issue's benchmark, where
+ * The image of the server comparison: a file on the guest's /tmp (tmpfs: the original benchmark, where
  * our server receives large WRITEs straight into the file's pages), or on ext4, as most users' images
  * are (a file system on a loop device over a tmpfs file, so no disk speed enters the figures).
  */
@@ -224,7 +224,7 @@ async function serverImage(where: 'tmpfs' | 'ext4'): Promise<{ img: string; rele
 async function serverThroughput(where: 'tmpfs' | 'ext4'): Promise<void> {
   const { img, release } = await serverImage(where);
   const label = where === 'tmpfs' ? 'server' : 'server-ext4';
-  // Targets are printed for the benchmark's image since session 1 (tmpfs); the ext4 run gives the same ratios for a disk file system's image.
+  // Targets are printed for the benchmark's image as first measured (tmpfs); the ext4 run gives the same ratios for a disk file system's image.
   const target = (t: string): string => (where === 'tmpfs' ? ` (target ≥ ${t}×)` : '');
   const defs: { name: string; start(): Promise<{ port: number; stop(): Promise<void> }>; export: string; dev: string }[] = [
     { name: 'nbd-attach serve', start: () => startOurServer([`disk=${img}`]), export: 'disk', dev: '/dev/nbd2' },

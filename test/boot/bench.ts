@@ -3,7 +3,7 @@
 // starts), with nbd-attach's initramfs-tools hook versus nbd-client's own (Debian's nbd-client
 // package), both initramfs images built by mkinitramfs in the same run and booted alternately with
 // the same image, server (nbdkit) and command line (nbd-client's form, which both understand).
-// Target (issue 17): ours ≤ 1.5 × nbd-client's. BENCH_BOOT_REPS (default 1) boots each that often.
+// Target: ours ≤ 1.5 × nbd-client's. BENCH_BOOT_REPS (default 1) boots each that often.
 
 import { rmSync } from 'node:fs';
 import path from 'node:path';

@@ -55,7 +55,7 @@ test('with the root-or-swap drop-in it still passes (no ordering cycle without d
   assert.ok(r.ok, r.report);
 });
 
-test('the unit says what the issue asks: notify, foreground nbdtab form, detach on stop, ordering', () => {
+test('the unit says what a notify service needs: notify, foreground nbdtab form, detach on stop, ordering', () => {
   const lines = UNIT.split('\n').filter((l) => !l.startsWith('#'));
   const has = (l: string): void => assert.ok(lines.includes(l), `missing '${l}'`);
   has('Type=notify');

@@ -43,6 +43,8 @@ PACKAGES=(
   nbdkit nbd-server nbd-client qemu-utils fio e2fsprogs iproute2 libnbd-bin util-linux procps fdisk
   openssl   # test certificates for the server's TLS (interop tests)
   man-db    # renders the Debian package's man pages (test/interop/package.test.ts)
+  systemd   # systemd-analyze verify and systemd-notify for the unit and notify tests (nothing is started)
+  dmsetup   # a device-mapper holder in the lifecycle kernel test
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
