@@ -128,7 +128,7 @@ function fioSummary(r: RunResult): FioRead {
   return { reads: j.jobs[0]!.read.total_ios, errors: j.jobs[0]!.total_err };
 }
 
-test('graceful nbdkit restart (SIGTERM → NBD_ESHUTDOWN) under reads: connections dropped at once, new server serving within 2 s', { timeout: 900_000 }, async () => {
+test('graceful nbdkit restart (SIGTERM → NBD_ESHUTDOWN) under reads: connections dropped at once, new server serving within 2 s plus the request timeout', { timeout: 900_000 }, async () => {
   const disk = await tmpFile(32 << 20, { random: true });
   const server = await startNbdkit(['file', disk]);
   // Requests already in flight on the connection we end are requeued by the kernel only at their
