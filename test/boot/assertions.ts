@@ -2,23 +2,14 @@
 // restart the tests run during the boot.
 
 import assert from 'node:assert/strict';
-import { setTimeout as delay } from 'node:timers/promises';
-import type { ServerHandle } from '../lib/servers.ts';
+import { type ServerHandle, killAndRestart } from '../lib/servers.ts';
 import { type BootResult, tail } from './lib.ts';
 
 /** While the guest's writer runs: SIGKILL the server, wait, start it again on the same port. */
 export function restartOnWriterStart(server: ServerHandle, events: string[]): (line: string) => void {
   return (line) => {
     if (!line.startsWith('writer-start')) return;
-    void (async () => {
-      await delay(2_000);
-      server.kill('SIGKILL');
-      await server.exited();
-      events.push('killed');
-      await delay(3_000);
-      await server.restart();
-      events.push('restarted');
-    })().catch((e: Error) => events.push(`restart failed: ${e.message}`));
+    setTimeout(() => killAndRestart(server, events), 2_000);
   };
 }
 

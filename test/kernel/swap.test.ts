@@ -12,9 +12,9 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { mustRun, run, startNbdkit, tmpDir, tmpFile } from './lib.ts';
 import { cli, kernelSuite, show } from './attach-common.ts';
+import { killAndRestart } from '../lib/servers.ts';
 
 kernelSuite(8);
 const MiB = 1024 * 1024;
@@ -70,14 +70,7 @@ test('swap on NBD (nbdtab swap): a 192 MiB job in 64 MiB keeps its data while th
       out += b.toString();
       if (b.toString().includes('filled') && events.length === 0) {
         events.push('filled');
-        void (async () => {
-          server.kill('SIGKILL');
-          await server.exited();
-          events.push('killed');
-          await delay(3_000);
-          await server.restart();
-          events.push('restarted');
-        })().catch((e: Error) => events.push(`restart failed: ${e.message}`));
+        killAndRestart(server, events);
       }
     });
     const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => job.on('exit', (c, s) => resolve([c, s])));

@@ -113,6 +113,21 @@ export interface ServerHandle {
   restart(): Promise<void>;
 }
 
+/**
+ * While a test's load runs: SIGKILL the server, wait `pauseMs`, start it again on the same port.
+ * Not awaited by the caller; `events` records 'killed', 'restarted' or the failure for its asserts.
+ */
+export function killAndRestart(server: ServerHandle, events: string[], pauseMs = 3_000): void {
+  void (async () => {
+    server.kill('SIGKILL');
+    await server.exited();
+    events.push('killed');
+    await delay(pauseMs);
+    await server.restart();
+    events.push('restarted');
+  })().catch((e: Error) => events.push(`restart failed: ${e.message}`));
+}
+
 const liveServers = new Set<ServerHandle>();
 const livePids = new Set<number>();
 process.on('exit', () => {
