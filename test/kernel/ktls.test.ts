@@ -36,6 +36,7 @@ import net from 'node:net';
 import { makePki } from '../lib/servers.ts';
 import { ContentType, RecordSplitter } from '../../src/client/ktls-keys.ts';
 import { startForeground } from './attach-common.ts';
+import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
 import { CLI_ARGS } from '../lib/servers.ts';
 
 requireGuest();
@@ -91,32 +92,6 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-function writesCompleted(index: number): number {
-  return Number(readFileSync(`/sys/block/nbd${index}/stat`, 'utf8').trim().split(/\s+/)[4]);
-}
-
-function startFio(dev: string, runtimeS: number): Promise<RunResult> {
-  return run(
-    'fio',
-    [
-      '--name=ktls', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', '--iodepth=4', '--bs=4k', '--rw=randwrite',
-      '--size=16M', '--verify=crc32c', '--verify_backlog=64', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
-    ],
-    { timeoutMs: (runtimeS + 240) * 1000 },
-  );
-}
-
-function assertFioClean(r: RunResult, what: string): void {
-  assert.equal(r.timedOut, false, `${what}: fio hung`);
-  const i = r.stdout.indexOf('{');
-  assert.ok(i >= 0, `${what}: fio printed no JSON (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
-  const job = (JSON.parse(r.stdout.slice(i)) as { jobs: { error: number; write: { total_ios: number }; read: { total_ios: number } }[] }).jobs[0]!;
-  assert.equal(r.code, 0, `${what}: fio failed (exit ${r.code}): ${r.stderr}`);
-  assert.equal(job.error, 0, `${what}: fio reported error ${job.error}`);
-  assert.ok(job.write.total_ios > 0 && job.read.total_ios > 0, `${what}: fio wrote ${job.write.total_ios} and verified ${job.read.total_ios}`);
-  console.log(`# ${what}: fio ${job.write.total_ios} writes, ${job.read.total_ios} verify reads, 0 errors`);
-}
-
 /** Attach in the background; returns the supervisor's pid and log file. */
 async function attach(args: readonly string[], dev: string): Promise<{ pid: number; log: string; line: string }> {
   const a = await cli([...args, dev]);
@@ -169,14 +144,14 @@ test('our serve --tls: kernel TLS both ways, no relay; mkfs/mount; supervisor SI
   assert.equal((await run('umount', [mnt], { timeoutMs: 120_000 })).code, 0);
 
   // Supervisor SIGKILLed under fio: the kernel carries TLS on by itself, writes keep completing.
-  let fio = startFio('/dev/nbd1', 30);
+  let fio = startFio('/dev/nbd1', FIO_CAP_S, 'ktls');
   let w0 = writesCompleted(1);
   await waitFor(() => writesCompleted(1) > w0 + 100, 120_000, { what: 'fio writing' });
   process.kill(a.pid, 'SIGKILL');
   await waitFor(() => !pidAlive(a.pid), 10_000, { what: 'supervisor gone' });
   const w1 = writesCompleted(1);
   await waitFor(() => writesCompleted(1) > w1 + 200, 60_000, { what: 'writes completing with the supervisor dead' });
-  assertFioClean(await fio, 'supervisor SIGKILLed (kernel TLS)');
+  assertFioClean(await fio.stopAfterWrites(1, 50), 'supervisor SIGKILLed (kernel TLS)');
 
   // --reattach adopts it and leaves the kernel's connection alone.
   const r = await cli(['--reattach', '/dev/nbd1']);
@@ -186,7 +161,7 @@ test('our serve --tls: kernel TLS both ways, no relay; mkfs/mount; supervisor SI
   assert.doesNotMatch(readFileSync(log2, 'utf8'), /replacing all/);
 
   // Server killed and restarted on the same port under fio: the adopted supervisor reconnects with kernel TLS.
-  fio = startFio('/dev/nbd1', 40);
+  fio = startFio('/dev/nbd1', FIO_CAP_S, 'ktls');
   w0 = writesCompleted(1);
   await waitFor(() => writesCompleted(1) > w0 + 100, 120_000, { what: 'fio writing' });
   server.kill('SIGKILL');
@@ -196,7 +171,7 @@ test('our serve --tls: kernel TLS both ways, no relay; mkfs/mount; supervisor SI
   await waitFor(() => /reconnected after/.test(readFileSync(log2, 'utf8')), 180_000, { what: 'reconnect' }).catch((e: Error) => {
     throw new Error(`${e.message}\n${readFileSync(log2, 'utf8')}`);
   });
-  assertFioClean(await fio, 'server restarted (kernel TLS)');
+  assertFioClean(await fio.stopAfterWrites(1), 'server restarted (kernel TLS)');
   assert.equal(unixSockets(pid2), 0, 'still no relay after the reconnect');
   await detach('/dev/nbd1', pid2);
   await server.stop();
@@ -216,7 +191,7 @@ test('nbdkit --tls=require (X.509) with -C 4: four kernel-TLS connections; one k
   assert.ok((st.TlsCurrRxSw ?? 0) >= (before.TlsCurrRxSw ?? 0) + 4, `four sockets in kernel TLS: ${JSON.stringify(st)}`);
   assert.equal(unixSockets(a.pid), 0);
   await roundTrip('/dev/nbd2', disk);
-  const fio = startFio('/dev/nbd2', 30);
+  const fio = startFio('/dev/nbd2', FIO_CAP_S, 'ktls');
   const w0 = writesCompleted(2);
   await waitFor(() => writesCompleted(2) > w0 + 100, 120_000, { what: 'fio writing' });
   const ss = await run('ss', ['-Htn', 'state', 'established', 'dst', `127.0.0.1:${server.port}`]);
@@ -226,7 +201,7 @@ test('nbdkit --tls=require (X.509) with -C 4: four kernel-TLS connections; one k
   await waitFor(() => /reconnected after/.test(readFileSync(a.log, 'utf8')), 120_000, { what: 'reconnect' }).catch((e: Error) => {
     throw new Error(`${e.message}\n${readFileSync(a.log, 'utf8')}`);
   });
-  assertFioClean(await fio, '-C 4, one kernel-TLS connection killed');
+  assertFioClean(await fio.stopAfterWrites(2), '-C 4, one kernel-TLS connection killed');
   assert.equal(unixSockets(a.pid), 0, 'the replacement is kernel TLS too');
   await detach('/dev/nbd2', a.pid);
   await server.stop();
@@ -359,14 +334,14 @@ test('a record the kernel cannot authenticate after the handoff is a dead link, 
   try {
     const a = await attach([`nbds://127.0.0.1:${proxy.port}/?tls-certificates=${pkiDir}`], '/dev/nbd7');
     assert.match(a.line, /over TLS \(kernel TLS\)/);
-    const fio = startFio('/dev/nbd7', 30);
+    const fio = startFio('/dev/nbd7', FIO_CAP_S, 'ktls');
     const w0 = writesCompleted(7);
     await waitFor(() => writesCompleted(7) > w0 + 100, 120_000, { what: 'fio writing' });
     proxy.inject();
     await waitFor(() => proxy.injected() === 1 && /reconnected after/.test(readFileSync(a.log, 'utf8')), 120_000, { what: 'reconnect after the forged record' }).catch((e: Error) => {
       throw new Error(`${e.message}\n${readFileSync(a.log, 'utf8')}`);
     });
-    assertFioClean(await fio, 'forged TLS record after the handoff');
+    assertFioClean(await fio.stopAfterWrites(7), 'forged TLS record after the handoff');
     await detach('/dev/nbd7', a.pid);
   } finally {
     proxy.close();

@@ -54,6 +54,8 @@ export interface RunOptions {
   input?: string | Buffer;
   env?: NodeJS.ProcessEnv;
   cwd?: string;
+  /** Called with the child once it is spawned (e.g. to signal it before it ends by itself). */
+  onSpawn?: (child: ChildProcess) => void;
 }
 
 export interface RunResult {
@@ -89,6 +91,7 @@ export function run(file: string, args: readonly string[] = [], opts: RunOptions
       reject(err);
       return;
     }
+    opts.onSpawn?.(child);
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let outLen = 0;

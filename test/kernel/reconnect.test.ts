@@ -36,6 +36,7 @@ import { CLI_ARGS, makePki } from '../lib/servers.ts';
 import { socketTuning, tuneSocket } from '../../src/supervisor/kernel-ops.ts';
 import { TCP_TUNING } from '../../src/supervisor/policy.ts';
 import { type Sup, startSupervised } from './attach-common.ts';
+import { assertFioClean, FIO_CAP_S, type FioRun, startFio, writesCompleted } from './fio.ts';
 
 requireGuest();
 
@@ -48,9 +49,6 @@ function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
   return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
 }
 
-function writesCompleted(index: number): number {
-  return Number(readFileSync(`/sys/block/nbd${index}/stat`, 'utf8').trim().split(/\s+/)[4]);
-}
 
 function pidAlive(pid: number): boolean {
   try {
@@ -58,37 +56,6 @@ function pidAlive(pid: number): boolean {
   } catch {
     return false;
   }
-}
-
-/** fio writing and verifying (crc32c, verify_backlog) for `runtimeS` seconds. */
-function startFio(dev: string, runtimeS: number): Promise<RunResult> {
-  return run(
-    'fio',
-    [
-      '--name=reconnect', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', '--iodepth=4', '--bs=4k', '--rw=randwrite',
-      '--size=16M', '--verify=crc32c', '--verify_backlog=64', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
-    ],
-    { timeoutMs: (runtimeS + 240) * 1000 },
-  );
-}
-
-function fioSummary(r: RunResult): { error: number; writes: number; reads: number; worstMs: number } {
-  const i = r.stdout.indexOf('{');
-  assert.ok(i >= 0, `fio printed no JSON (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
-  type Dir = { total_ios: number; clat_ns?: { max?: number } };
-  const j = JSON.parse(r.stdout.slice(i)) as { jobs: { error: number; write: Dir; read: Dir }[] };
-  const job = j.jobs[0]!;
-  const worstMs = Math.round(Math.max(job.write.clat_ns?.max ?? 0, job.read.clat_ns?.max ?? 0) / 1e6);
-  return { error: job.error, writes: job.write.total_ios, reads: job.read.total_ios, worstMs };
-}
-
-function assertFioClean(r: RunResult, what: string): void {
-  assert.equal(r.timedOut, false, `${what}: fio hung`);
-  const s = fioSummary(r);
-  assert.equal(r.code, 0, `${what}: fio failed (exit ${r.code}): ${r.stderr}`);
-  assert.equal(s.error, 0, `${what}: fio reported error ${s.error}`);
-  assert.ok(s.writes > 0 && s.reads > 0, `${what}: fio wrote ${s.writes} and verified ${s.reads} blocks`);
-  console.log(`# ${what}: fio ${s.writes} writes, ${s.reads} verify reads, 0 errors; worst stall of one request ${s.worstMs} ms`);
 }
 
 /** One direct 4 KiB read; resolves with its duration in ms (rejects on error). */
@@ -135,21 +102,19 @@ test('every socket handed to the kernel gets keepalive and TCP_USER_TIMEOUT', as
 });
 
 /**
- * Start 40 s of fio on nbdN; once `writes` more writes completed, SIGKILL the server, keep it down
- * `downMs`, check fio is still running across the outage, restart the server. Returns fio's result.
+ * Start fio on nbdN; once `writes` more writes completed, SIGKILL the server, keep it down
+ * `downMs`, check fio is still running across the outage, restart the server. Returns the running fio.
  */
-async function restartUnderFio(server: ServerHandle, index: number, writes: number, downMs: number): Promise<RunResult> {
-  const fio = startFio(`/dev/nbd${index}`, 40);
-  let fioDone = false;
-  void fio.then(() => (fioDone = true));
+async function restartUnderFio(server: ServerHandle, index: number, writes: number, downMs: number): Promise<{ fio: FioRun }> {
+  const fio = startFio(`/dev/nbd${index}`, FIO_CAP_S, 'reconnect');
   const w0 = writesCompleted(index);
   await waitFor(() => writesCompleted(index) > w0 + writes, 120_000, { what: `fio writing on nbd${index}` });
   server.kill('SIGKILL');
   await server.exited();
   await delay(downMs);
-  assert.equal(fioDone, false, 'fio was still running across the outage');
+  assert.equal(fio.finished, false, 'fio was still running across the outage');
   await server.restart();
-  return fio;
+  return { fio }; // (wrapped: an async function would await the returned fio run itself)
 }
 
 test('server killed and restarted on the same port under fio --verify: zero I/O errors', { timeout: 900_000 }, async () => {
@@ -157,12 +122,12 @@ test('server killed and restarted on the same port under fio --verify: zero I/O 
   const server = await startNbdkit(['file', disk]);
   const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd0']);
   assert.match(sup.readyLine, /^\/dev\/nbd0 attached: 64 MiB .*netlink.*supervisor pid \d+, logging to stderr$/);
-  const fio = await restartUnderFio(server, 0, 200, 3000);
+  const { fio } = await restartUnderFio(server, 0, 200, 3000);
   const back = Date.now();
   const first = await probeRead('/dev/nbd0');
   const firstIo = Date.now() - back;
   console.log(`# server back → first completed I/O: ${firstIo} ms (probe read itself ${first} ms)`);
-  assertFioClean(await fio, 'server restart');
+  assertFioClean(await fio.stopAfterWrites(0), 'server restart');
   assert.match(sup.out(), /reconnected after \d+ ms \(reconnect #1/);
   const st = await cli(['status', '/dev/nbd0', '--json']);
   assert.equal(st.code, 0, st.stderr);
@@ -206,14 +171,14 @@ test('supervisor SIGKILLed during I/O: I/O continues, --reattach adopts, a resta
   assert.match(a.stdout, /^\/dev\/nbd2 attached: .*supervisor pid (\d+), log \/(var\/log|run)\/nbd-attach\/nbd2\.log\n$/);
   const pid1 = Number(/supervisor pid (\d+)/.exec(a.stdout)![1]);
   assert.ok(pidAlive(pid1), 'background supervisor runs');
-  const fio1 = startFio('/dev/nbd2', 30);
+  const fio1 = startFio('/dev/nbd2', FIO_CAP_S, 'reconnect');
   const w0 = writesCompleted(2);
   await waitFor(() => writesCompleted(2) > w0 + 100, 120_000, { what: 'fio writing' });
   process.kill(pid1, 'SIGKILL');
   await waitFor(() => !pidAlive(pid1), 10_000, { what: 'supervisor gone' });
   const w1 = writesCompleted(2);
   await waitFor(() => writesCompleted(2) > w1 + 100, 60_000, { what: 'I/O continuing without a supervisor' });
-  assertFioClean(await fio1, 'supervisor SIGKILL');
+  assertFioClean(await fio1.stopAfterWrites(2, 50), 'supervisor SIGKILL');
   assert.ok(existsSync('/sys/block/nbd2/pid'), 'device still attached');
   const st0 = await cli(['status', 'nbd2']);
   assert.match(st0.stdout, /no supervisor/);
@@ -226,8 +191,8 @@ test('supervisor SIGKILLed during I/O: I/O continues, --reattach adopts, a resta
   const again = await cli(['--reattach', '/dev/nbd2']);
   assert.notEqual(again.code, 0);
   assert.match(again.stderr, new RegExp(`already supervised by pid ${pid2}`));
-  const fio2 = await restartUnderFio(server, 2, 100, 2000);
-  assertFioClean(await fio2, 'adopted supervisor + server restart');
+  const { fio: fio2 } = await restartUnderFio(server, 2, 100, 2000);
+  assertFioClean(await fio2.stopAfterWrites(2), 'adopted supervisor + server restart');
   const log = readFileSync(/log (\S+)/.exec(r.stdout)![1]!, 'utf8');
   assert.match(log, /adopted/);
   assert.match(log, /reconnected after/);
@@ -250,7 +215,7 @@ test('-C 4: one TCP connection killed with ss -K: I/O continues on the others an
   const sup = await startSupervised([`127.0.0.1:${server.port}`, '/dev/nbd3', '-C', '4']);
   assert.match(sup.readyLine, /connections 4/);
   assert.equal((await established()).length, 4);
-  const fio = startFio('/dev/nbd3', 30);
+  const fio = startFio('/dev/nbd3', FIO_CAP_S, 'reconnect');
   const w0 = writesCompleted(3);
   await waitFor(() => writesCompleted(3) > w0 + 100, 120_000, { what: 'fio writing' });
   const victim = (await established())[0]!.trim().split(/\s+/)[2]!; // local address:port
@@ -262,7 +227,7 @@ test('-C 4: one TCP connection killed with ss -K: I/O continues on the others an
     // (nbdkit's own output too: once, all four connections were dropped and the port refused connections.)
     throw new Error(`${e.message}\nss now: ${(await established()).join(' | ')}\nnbdkit (pid ${server.pid}):\n${server.log()}\nsupervisor:\n${sup.out()}`);
   });
-  assertFioClean(await fio, 'ss -K one of four');
+  assertFioClean(await fio.stopAfterWrites(3), 'ss -K one of four');
   const conns = await established();
   assert.equal(conns.length, 4, `connections after replacement:\n${conns.join('\n')}`);
   assert.ok(!conns.some((l) => l.includes(`:${lport} `)), 'the killed connection is gone');
@@ -290,7 +255,7 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
     server = spawn('ip', ['netns', 'exec', ns, 'nbdkit', '-f', '-i', '10.231.0.2', '-p', String(port), 'file', disk], { stdio: 'ignore' });
     await delay(1000);
     sup = await startSupervised([`10.231.0.2:${port}`, '/dev/nbd4']);
-    const fio = startFio('/dev/nbd4', 50);
+    const fio = startFio('/dev/nbd4', FIO_CAP_S, 'reconnect');
     const w0 = writesCompleted(4);
     await waitFor(() => writesCompleted(4) > w0 + 100, 120_000, { what: 'fio writing' });
     // Longer than TCP_USER_TIMEOUT and the request timeout (10 s each), shorter than the dead timeout:
@@ -301,7 +266,7 @@ test('network partition (veth in a netns, link down 15 s) during I/O: detected, 
     const back = Date.now();
     const first = await probeRead('/dev/nbd4');
     console.log(`# link up → first completed I/O: ${Date.now() - back} ms (probe ${first} ms)`);
-    assertFioClean(await fio, 'partition');
+    assertFioClean(await fio.stopAfterWrites(4), 'partition');
     assert.match(sup.out(), /reconnected after \d+ ms/, 'the partition was detected and the connection replaced');
     await stopSupervisor(sup, 4);
     sup = undefined;
@@ -345,7 +310,7 @@ test('TLS --tls-relay: nbds:// through the relay: data reaches the server, a kil
   const established = async (): Promise<string[]> =>
     (await run('ss', ['-Htn', 'state', 'established', 'dst', `127.0.0.1:${server.port}`])).stdout.split('\n').filter((l) => l.trim() !== '');
   assert.equal((await established()).length, 1);
-  const fio = startFio('/dev/nbd6', 30);
+  const fio = startFio('/dev/nbd6', FIO_CAP_S, 'reconnect');
   const w0 = writesCompleted(6);
   await waitFor(() => writesCompleted(6) > w0 + 100, 120_000, { what: 'fio writing' });
   const k = await run('ss', ['-K', 'state', 'established', 'dst', `127.0.0.1:${server.port}`]);
@@ -353,7 +318,7 @@ test('TLS --tls-relay: nbds:// through the relay: data reaches the server, a kil
   await waitFor(() => /reconnected after/.test(readFileSync(logFile, 'utf8')), 120_000, { what: 'TLS reconnect' }).catch((e: Error) => {
     throw new Error(`${e.message}\nsupervisor log:\n${readFileSync(logFile, 'utf8')}\nnbdkit:\n${server.log()}`);
   });
-  assertFioClean(await fio, 'TLS connection killed with ss -K');
+  assertFioClean(await fio.stopAfterWrites(6), 'TLS connection killed with ss -K');
   console.log(`# TLS supervisor: ${/reconnected after [^\n]*/.exec(readFileSync(logFile, 'utf8'))![0]}`);
   if (process.env.NBD_TEST_SHOW_LOG) console.log(readFileSync(logFile, 'utf8').replace(/^/gm, '# '));
 
