@@ -1,6 +1,6 @@
-// The socket edge of a server connection: how an accepted socket is taken over so that reads land in
-// buffers we choose, what a STARTTLS socket says about the client's certificate, and whether the
-// peer has ended a socket we are not reading. Sockets only; no protocol.
+// The socket edge of a server connection: how an accepted socket is taken over (reads landing in
+// buffers we choose when it allows), what a STARTTLS socket says about the client's certificate,
+// and whether the peer has ended a socket we are not reading. Sockets only; no protocol.
 
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -30,6 +30,21 @@ export function adoptWithUserBuffers(sock: Duplex, onread: OnRead): net.Socket |
   old._handle = null; // the old wrapper lets go of the handle; destroying it then closes nothing
   old.destroy();
   return new net.Socket({ handle, onread, readable: true, writable: true } as net.SocketConstructorOpts);
+}
+
+/**
+ * Take an accepted stream over for a connection: with `onread`, re-wrapped to read into our buffers
+ * when the socket allows (adoptWithUserBuffers), else read through 'data' events into `onData`;
+ * Nagle off (proto.md "Protocol phases": both sides SHOULD disable it); flowing. `userBuffers`:
+ * reads go through `onread`.
+ */
+export function takeOver(sock: Duplex, onread: OnRead | undefined, onData: (chunk: Buffer) => void): { socket: Duplex; userBuffers: boolean } {
+  const adopted = onread ? adoptWithUserBuffers(sock, onread) : undefined;
+  const socket = adopted ?? sock;
+  (socket as Duplex & { setNoDelay?: (v: boolean) => void }).setNoDelay?.(true);
+  if (!adopted) socket.on('data', onData); // (with onread, data goes there; flowing still emits 'end')
+  socket.resume(); // a socket accepted with pauseOnConnect does not start flowing on its own
+  return { socket, userBuffers: adopted !== undefined };
 }
 
 /**
