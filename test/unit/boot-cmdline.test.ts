@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -210,4 +210,28 @@ test("dracut parse hook: root=nbd:…, URIs, nbdroot=, and root=dhcp / netroot=d
   assert.deepEqual(dracutParse('netroot=dhcp ip=dhcp', { netroot: 'nbds://srv/disk' }), { root: 'block:/dev/root', netroot: 'nbds://srv/disk', rootok: '1', finished: true });
   // Another protocol's root-path: left alone.
   assert.deepEqual(dracutParse('root=dhcp ip=dhcp', { root: 'dhcp', netroot: 'nfs:srv:/export' }), { root: 'dhcp', netroot: 'nfs:srv:/export', rootok: '', finished: false });
+});
+
+test('nbd-attach boot: a report for each outcome the script waits for (none; failed with exit 2 and the reason)', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-boot-cmd-'));
+  try {
+    const run = (cmdline: string): { status: number | null; report: string } => {
+      const report = path.join(dir, 'sub', 'boot.env');
+      rmSync(report, { force: true });
+      const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'boot', '--cmdline', cmdline, '--report', report], {
+        encoding: 'utf8',
+        env: { ...process.env, NBD_ATTACH_RUN_DIR: dir, NBD_ATTACH_LOG_DIR: dir },
+      });
+      const shown = execFileSync('sh', ['-c', `. '${report}'; echo "$NBDROOT_STATE|$NBDROOT_PID|$NBDROOT_MESSAGE|\${NBDROOT_DEVICE-}"`], { encoding: 'utf8' }).trim();
+      return { status: r.status, report: shown };
+    };
+    const none = run('root=/dev/sda1 ro');
+    assert.equal(none.status, 0);
+    assert.match(none.report, /^none\|\d+\|-\|$/);
+    const bad = run('root=nbd:srv:disk nbddev=/dev/sda');
+    assert.equal(bad.status, 2);
+    assert.match(bad.report, /^failed\|\d+\|kernel command line: nbddev= '\/dev\/sda' is not an nbd device.*\|$/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
