@@ -9,10 +9,12 @@
 NBD_ATTACH_LIB="${NBD_ATTACH_LIB:-/usr/lib/nbd-attach}"
 # The Node.js binary copied with its libraries.
 NBD_ATTACH_NODE="${NBD_ATTACH_NODE:-$(command -v node 2>/dev/null || echo /usr/bin/node)}"
-# Kernel modules: the nbd driver, and tls for kernel TLS on an nbds:// root (the kernel loads it
-# when the first TLS socket is set up: TCP_ULP "tls"; without it the supervisor relays, slower).
+# Kernel modules: the nbd driver; for kernel TLS on an nbds:// root, tls and the ciphers of the TLS
+# suites it carries (AES-GCM, AES-CCM, ChaCha20-Poly1305: the kernel loads them, through modprobe in
+# the initramfs, when the first TLS socket is set up; without them the supervisor relays, slower),
+# with the x86 accelerated versions where the kernel has them (names missing here are skipped).
 # Network drivers come from each framework's own rules.
-NBD_ATTACH_KMODS="nbd tls"
+NBD_ATTACH_KMODS="nbd tls gcm ghash-generic ccm chacha20poly1305 aesni-intel ghash-clmulni-intel chacha-x86_64 poly1305-x86_64"
 # TLS material for nbds:// roots that name no files (src/boot/cmdline.ts INITRAMFS_TLS_DIR): the
 # path inside the image; NBD_ATTACH_TLS_FROM is where it is copied from (default: the same path on
 # this machine): ca-cert.pem, and client-cert.pem + client-key.pem when the server asks for them.

@@ -35,7 +35,7 @@ after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-test('dracut: root=nbds://SERVER:PORT (TLS material from the initramfs) from nbdkit --tls=require; kernel TLS after switch_root; server killed and restarted while the root is written', { timeout: 600_000 }, async () => {
+test('dracut: root=nbds://SERVER:PORT (TLS material from the initramfs) from nbdkit --tls=require; kernel TLS after switch_root; server killed and restarted while the root is written', { timeout: 720_000 }, async () => {
   const dir = tmpDir('nbd-boot-img-');
   try {
     const image = buildRootImage(dir);
@@ -45,7 +45,7 @@ test('dracut: root=nbds://SERVER:PORT (TLS material from the initramfs) from nbd
       initrd,
       append: `${GUEST_IP} root=nbds://${GUEST_SERVER}:10809/?tls-hostname=localhost rw bt.marker=dracut-nbdkit bt.writer=25`,
       serverPort: server.port,
-      timeoutMs: 420_000,
+      timeoutMs: 540_000,
       onLine: restartOnWriterStart(server, events),
     });
     await server.stop();

@@ -22,7 +22,11 @@ depends() {
 
 # called by dracut
 installkernel() {
-    instmods nbd tls
+    local _lib="${NBD_ATTACH_LIB:-/usr/lib/nbd-attach}"
+    # shellcheck source=../../boot/files.sh
+    . "$_lib/boot-files.sh"
+    # shellcheck disable=SC2086
+    instmods $NBD_ATTACH_KMODS
 }
 
 # called by dracut
