@@ -14,9 +14,10 @@ import * as checkCommand from './commands/check.ts';
 import * as mknodCommand from './commands/mknod.ts';
 import * as statusCommand from './commands/status.ts';
 import * as bootArgsCommand from './commands/boot-args.ts';
+import * as bootCommand from './commands/boot.ts';
 
 /** Command modules, each `register(program)`. Order is the order of `--help`. */
-const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand, bootArgsCommand];
+const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand, bootArgsCommand, bootCommand];
 
 /** Top-level nbd-client switches that select a command, with the command they select. */
 const COMPAT_COMMANDS: Record<string, string> = {

@@ -348,3 +348,16 @@ export function planAsShell(plan: BootPlan): string {
   ];
   return `${lines.join('\n')}\n`;
 }
+
+/** Where `nbd-attach boot` stands, as the boot scripts read it (NBDROOT_STATE). */
+export type BootState = 'attaching' | 'ready' | 'failed' | 'none';
+
+/**
+ * The report `nbd-attach boot` keeps for the initramfs script that started it in the background
+ * (sourced by it; replaced whole at each step): the plan's assignments, NBDROOT_STATE and a one-line
+ * NBDROOT_MESSAGE (the ready line, or what failed).
+ */
+export function bootReportAsShell(plan: BootPlan | undefined, state: BootState, message = ''): string {
+  const line = message.replace(/[\r\n]+/g, ' ');
+  return `${plan ? planAsShell(plan) : ''}NBDROOT_STATE=${state}\nNBDROOT_MESSAGE=${shellQuote(line === '' ? '-' : line)}\n`;
+}

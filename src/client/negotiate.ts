@@ -37,6 +37,13 @@ export interface NegotiateOptions {
    * relay, where the negotiated suite allows it (src/client/ktls.ts).
    */
   kernelTls?: boolean;
+  /**
+   * The TLS options (certificates, keys, PSK) read by an earlier connection of the same target: a
+   * supervisor reads its TLS files once, at attach, and reconnects with what it read. The files may
+   * live on the device it reconnects (a root on NBD: reading them then blocks until the dead
+   * timeout), or in an initramfs that is gone after switch_root.
+   */
+  tlsOptions?: import('node:tls').ConnectionOptions;
 }
 
 export interface Connection {
@@ -206,12 +213,12 @@ interface Attempt {
   result: HandshakeResult;
 }
 
-async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number, kernelTls = false): Promise<Attempt> {
+async function handshakeOnce(target: Target, goal: HandshakeGoal, timeoutMs: number, kernelTls = false, given?: import('node:tls').ConnectionOptions): Promise<Attempt> {
   const deadline = Date.now() + timeoutMs;
   const where = describeEndpoint(target.endpoint);
   // TLS files are read before connecting, so a wrong path is a usage error, not a network one.
   const tlsMod = target.tls ? await import('./tls.ts') : undefined;
-  const tlsOptions = target.tls && tlsMod ? tlsMod.tlsConnectOptions(target.tls, target.endpoint) : undefined;
+  const tlsOptions = target.tls && tlsMod ? (given ?? tlsMod.tlsConnectOptions(target.tls, target.endpoint)) : undefined;
   const tapped = tlsOptions && kernelTls && target.endpoint.kind === 'tcp' ? (await import('./ktls.ts')).startTlsTapped : undefined;
   const transport = await connectSocket(target.endpoint, deadline);
   try {
@@ -235,11 +242,11 @@ export async function negotiate(target: Target, opts: NegotiateOptions): Promise
   const goal: HandshakeGoal = { kind: 'go', name: opts.exportName, noOptGo: opts.noOptGo ?? false };
   let attempt: Attempt;
   try {
-    attempt = await handshakeOnce(target, goal, timeoutMs, opts.kernelTls);
+    attempt = await handshakeOnce(target, goal, timeoutMs, opts.kernelTls, opts.tlsOptions);
   } catch (err) {
     if (!(err instanceof NbdError) || !(err as { goRejectedByClose?: boolean }).goRejectedByClose) throw err;
     debug('server closed on NBD_OPT_GO: retrying once with NBD_OPT_EXPORT_NAME');
-    attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs, opts.kernelTls);
+    attempt = await handshakeOnce(target, { ...goal, noOptGo: true }, timeoutMs, opts.kernelTls, opts.tlsOptions);
   }
   const { socket, transport, result } = attempt;
   const ready = transmissionReady(socket, result);

@@ -116,9 +116,10 @@ export function addKernelOptions(cmd: Command): Command {
     .option('-L, --ioctl', 'use the ioctl interface instead of netlink (no I/O held across a reconnect; the process holding the device stays in the background, or the foreground with -n)');
 }
 
-export function register(program: Command): void {
-  addSupervisorOptions(addKernelOptions(
-    addServerOptions(program.command('attach'))
+/** The attach command's arguments and options on `cmd` (no action): `register`, and `boot` (src/commands/boot.ts). */
+export function defineAttach(cmd: Command): Command {
+  return addSupervisorOptions(addKernelOptions(
+    addServerOptions(cmd)
       .description('attach an export to /dev/nbdN (the default command: nbd-attach HOST[:PORT] [DEV])')
       .argument('[host]', 'HOST, HOST:PORT, [IPv6]:PORT or nbd:// URI')
       .argument('[port]', 'port, when given separately (nbd-client form HOST PORT DEV)')
@@ -130,7 +131,11 @@ export function register(program: Command): void {
       .option('-s, --swap', 'the device holds swap: keep the supervisor from the OOM killer (oom_score_adj -1000)')
       .option('-m, --systemd-mark', "start the supervisor's argv[0] with '@' so systemd leaves it running at shutdown (root or swap on NBD)")
       .option('-p, --persist', "accepted for nbd-client's sake: the supervisor always reconnects"),
-  )).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, given: AttachCliOptions) => {
+  ));
+}
+
+export function register(program: Command): void {
+  defineAttach(program.command('attach')).action(async (a1: string | undefined, a2: string | undefined, a3: string | undefined, given: AttachCliOptions) => {
     const warn = (m: string): void => void process.stderr.write(`nbd-attach: warning: ${m}\n`);
     // The background supervisor re-reads the same file; warnings are printed once, by the launcher.
     const { positionals, opts } = applyNbdtab([a1, a2, a3], given, (given as SupervisedAttachOptions).supervisorChild ? () => undefined : warn);

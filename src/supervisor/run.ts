@@ -68,6 +68,17 @@ export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAtta
 }
 
 /**
+ * Attach and stay resident in this process, reporting to `rep`, logging to a file as a background
+ * supervisor does (nbdN.log under the log directory): the initramfs's single process
+ * (src/commands/boot.ts), started in the background of the boot script. Throws when the attach fails;
+ * returns the exit code once supervising ends.
+ */
+export async function runResident(spec: AttachSpec, opts: SupervisedAttachOptions, rep: Reporter): Promise<number> {
+  mark('loaded');
+  return attachAndStay(spec, opts, rep, 'background', undefined);
+}
+
+/**
  * Whether the command can attach by itself and hand the device to a supervisor started beside it.
  * Not when the resident process must also carry the data path: local attach (the server), TLS (the
  * relay), -L (NBD_DO_IT); not for adoption (nothing to attach).

@@ -57,8 +57,12 @@ export function remoteSource(target: Target, exportName: string, noOptGo: boolea
     relayReason ??= why;
     debug('TLS through the relay from now on: %s', why);
   };
+  // The TLS files are read once, for the first connection, and every reconnect uses what was read:
+  // they may be on the device being reconnected (a root on NBD), or in an initramfs since emptied.
+  let tlsOptions: import('node:tls').ConnectionOptions | undefined;
   const once = async (timeoutMs: number): Promise<Connection> => {
-    const c = await negotiate(target, { exportName, noOptGo, timeoutMs, kernelTls });
+    if (tls !== undefined && tlsOptions === undefined) tlsOptions = (await import('../client/tls.ts')).tlsConnectOptions(tls, target.endpoint);
+    const c = await negotiate(target, { exportName, noOptGo, timeoutMs, kernelTls, ...(tlsOptions ? { tlsOptions } : {}) });
     try {
       tuneSocket(c.transport ?? c.socket); // with the TLS relay, the TCP socket under it
     } catch (e) {

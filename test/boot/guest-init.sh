@@ -57,6 +57,11 @@ if [ -e /run/nbd-attach/nbd0.json ]; then
   say "state $(tr -d ' \n' < /run/nbd-attach/nbd0.json | sed 's/.*"pid":\([0-9]*\).*"reconnects":\([0-9]*\).*/state-pid=\1 reconnects=\2/')"
 fi
 grep -q 'switch_root: now in the real root' /run/nbd-attach/nbd0.log 2>/dev/null && say "followed-root=1"
+# What `nbd-attach boot` said when the root was ready (its attach line: size, TLS path…).
+[ -r /run/nbd-attach/boot.env ] && say "boot-ready $(sed -n 's/^NBDROOT_MESSAGE=//p' /run/nbd-attach/boot.env | tr ' ' '_')"
+# An nbds:// root: the kernel's TLS sockets (software crypto counters) and the path the state names.
+[ -r /proc/net/tls_stat ] && say "tls $(awk '{ printf "%s=%s ", $1, $2 }' /proc/net/tls_stat)"
+[ -e /run/nbd-attach/nbd0.json ] && say "state-tls-path=$(tr -d ' \n' < /run/nbd-attach/nbd0.json | sed -n 's/.*"tlsPath":"\([a-z]*\)".*/\1/p')"
 
 say "io-errors=$(dmesg | grep -c -i 'I/O error')"
 say "nbd-dmesg $(dmesg | grep -i nbd | tail -n 3 | tr '\n' '|' | tr ' ' '_')"

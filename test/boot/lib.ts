@@ -128,9 +128,10 @@ exec mkinitramfs -d ${q(conf)} -o ${q(out)} ${q(kver)}`;
  * An initramfs built by dracut 059 (Debian's dracut-core + dracut-network, unpacked by
  * test/boot/setup.sh with dpkg -x into the cache, not installed: Debian's dracut and
  * initramfs-tools packages conflict) with packaging/dracut/95nbd-attach in its module directory,
- * the shell init (no systemd), network-legacy for ip=, and the cached kernel's modules.
+ * the shell init (no systemd), network-legacy for ip=, and the cached kernel's modules. `tlsFrom`:
+ * the directory the module copies into /etc/nbd-attach/initramfs-tls (NBD_ATTACH_TLS_FROM).
  */
-export function buildDracut(out: string, opts: { lib: string }): void {
+export function buildDracut(out: string, opts: { lib: string; tlsFrom?: string }): void {
   const kver = kernelVersion();
   const base = tmpDir('nbd-boot-dracut-');
   try {
@@ -139,7 +140,7 @@ export function buildDracut(out: string, opts: { lib: string }): void {
     const confdir = path.join(base, 'conf.d');
     mkdirSync(confdir, { recursive: true });
     cpSync(path.join(REPO, 'packaging/dracut.conf.d/50-nbd-attach.conf'), path.join(confdir, '50-nbd-attach.conf'));
-    const env = { ...process.env, dracutbasedir: base, NBD_ATTACH_LIB: opts.lib };
+    const env = { ...process.env, dracutbasedir: base, NBD_ATTACH_LIB: opts.lib, ...(opts.tlsFrom ? { NBD_ATTACH_TLS_FROM: opts.tlsFrom } : {}) };
     must(path.join(CACHE, 'dracut/root/usr/bin/dracut'), [
       '--force', '--quiet', '--no-hostonly', '--no-hostonly-cmdline', '--no-early-microcode',
       '--conf', '/dev/null', '--confdir', confdir, '--tmpdir', base,

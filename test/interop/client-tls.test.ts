@@ -4,7 +4,7 @@
 // use (src/client/tls.ts): requests are written to the kernel's end of the socketpair.
 
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import type net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -92,6 +92,27 @@ describe('client TLS against nbdkit (X.509, --tls=require)', { timeout: 120_000 
       conn.socket.destroy();
       conn.transport!.destroy();
     }
+  });
+
+  it("the supervisor's source reads the TLS files once: a reconnect after they are gone still verifies the server", async () => {
+    // A root on NBD: the files were in the initramfs (emptied at switch_root), or are on the very
+    // device being reconnected (reading them would block until the dead timeout).
+    const copy = path.join(dir, 'pki-copy');
+    cpSync(pki, copy, { recursive: true });
+    const source = remoteSource({ endpoint: tcp(srv.port), tls: { certificatesDir: copy } }, '', false);
+    const first = await source.connect(10_000);
+    first.socket.destroy();
+    first.transport?.destroy();
+    rmSync(copy, { recursive: true, force: true });
+    const again = await source.connect(10_000);
+    try {
+      assert.equal(again.info.size, 64n << 20n);
+    } finally {
+      again.socket.destroy();
+      again.transport?.destroy();
+    }
+    // A new source (a new supervisor) reads them again, and says they are gone.
+    await assert.rejects(remoteSource({ endpoint: tcp(srv.port), tls: { certificatesDir: copy } }, '', false).connect(10_000), /certificate directory .* does not exist/);
   });
 
   it('the TCP connection dying closes the kernel end (so the kernel sees a dead link)', async () => {

@@ -1,7 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { planAsShell, planBoot, shellQuote, splitCmdline, wantsNbdRoot, type BootPlan } from '../../src/boot/cmdline.ts';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { bootReportAsShell, planAsShell, planBoot, shellQuote, splitCmdline, wantsNbdRoot, type BootPlan } from '../../src/boot/cmdline.ts';
 import { NbdError } from '../../src/errors.ts';
 
 const FLAGS = ['--systemd-mark', '--swap', '--persist'];
@@ -132,4 +135,103 @@ test('shell output survives a POSIX shell round trip', () => {
   const r = execFileSync('sh', ['-c', script], { encoding: 'utf8' }).trim().split('\n');
   assert.deepEqual(r, [...p.attachArgs, 'root=/dev/nbd0 fs=ext4 opts=rw form=dracut']);
   assert.ok(p.attachArgs.includes('weird name'));
+});
+
+test("DHCP root-path in both frameworks' forms: initramfs-tools' ROOTPATH (nbd-client's forms), dracut's new_root_path (nbd:…, URIs)", () => {
+  // initramfs-tools: nbdroot=dhcp / empty / absent with root=/dev/nbdX; ROOTPATH in nbd-client's forms.
+  assert.deepEqual(plan('nbdroot=dhcp root=/dev/nbd0', { rootPath: 'srv,10810' })!.attachArgs.slice(0, 2), ['srv:10810', '/dev/nbd0']);
+  assert.deepEqual(plan('nbdroot=dhcp root=/dev/nbd0', { rootPath: 'srv:10810/disk' })!.attachArgs.slice(0, 4), ['srv:10810', '/dev/nbd0', '--name', 'disk']);
+  assert.deepEqual(plan('nbdroot=dhcp root=/dev/nbd0p2', { rootPath: '[fd00::5]:/disk' })!.attachArgs.slice(0, 4), ['[fd00::5]', '/dev/nbd0', '--name', 'disk']);
+  assert.equal(plan('nbdroot=dhcp root=/dev/nbd0p2', { rootPath: 'srv,disk' })!.root, '/dev/nbd0p2');
+  // dracut: root=dhcp, netroot=dhcp (with root=/dev/root or none); root-path nbd:… with its fields, or a URI.
+  const d = plan('root=dhcp', { rootPath: 'nbd:[fd00::5]:10810/disk:ext4:noatime' })!;
+  assert.deepEqual(d.attachArgs.slice(0, 4), ['[fd00::5]:10810', '/dev/nbd0', '--name', 'disk']);
+  assert.equal(d.fstype, 'ext4');
+  assert.equal(d.mountOptions, 'noatime');
+  assert.deepEqual(plan('root=/dev/root netroot=dhcp', { rootPath: 'nbd:srv:10810' })!.attachArgs.slice(0, 2), ['srv:10810', '/dev/nbd0']);
+  assert.deepEqual(plan('root=dhcp', { rootPath: 'nbds://srv/disk' }, true)!.attachArgs.slice(0, 4), ['nbds://srv/disk', '/dev/nbd0', '--tls-certificates', '/etc/nbd-attach/initramfs-tls']);
+  // A root-path for another protocol is someone else's; no root-path at all is an error that says so.
+  assert.equal(plan('root=dhcp', { rootPath: 'nfs:srv:/export' }), undefined);
+  fails('root=dhcp', /root-path.*DHCP gave none/);
+});
+
+test('boot report: the plan, the state and a one-line message, read back by a POSIX shell', () => {
+  const p = plan('root=nbd:srv:disk:ext4')!;
+  const text = bootReportAsShell(p, 'ready', "/dev/nbd0 attached: it's\nready");
+  const out = execFileSync('sh', ['-c', `${text}\necho "$NBDROOT_STATE|$NBDROOT_DEVICE|$NBDROOT_FSTYPE|$NBDROOT_MESSAGE"`], { encoding: 'utf8' }).trim();
+  assert.equal(out, "ready|/dev/nbd0|ext4|/dev/nbd0 attached: it's ready");
+  const none = execFileSync('sh', ['-c', `${bootReportAsShell(undefined, 'none')}\necho "$NBDROOT_STATE|\${NBDROOT_DEVICE-unset}"`], { encoding: 'utf8' }).trim();
+  assert.equal(none, 'none|unset');
+});
+
+/**
+ * packaging/dracut/95nbd-attach/parse-nbd-attach.sh sourced as dracut does, with dracut-lib's
+ * getarg/getargs over CMDLINE, and the shell variables root/netroot as they stand (dracut's
+ * 40network/netroot.sh sets netroot to DHCP's root-path and sources the cmdline hooks again).
+ */
+function dracutParse(cmdline: string, vars: { root?: string; netroot?: string } = {}): { root: string; netroot: string; rootok: string; finished: boolean } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-dracut-parse-'));
+  try {
+    mkdirSync(path.join(dir, 'initqueue/finished'), { recursive: true });
+    const hook = path.resolve('packaging/dracut/95nbd-attach/parse-nbd-attach.sh');
+    const script = `
+getarg() { _k=\${1%=}; _f=1; _v=; for _a in $CMDLINE; do case "$_a" in "$_k"=*) _v=\${_a#*=}; _f=0 ;; "$_k") _f=0 ;; esac; done; [ $_f = 0 ] && echo "$_v"; return $_f; }
+getargs() { _f=1; for _a in $CMDLINE; do case "$_a" in "\${1%=}"=*) echo "\${_a#*=}"; _f=0 ;; esac; done; return $_f; }
+incol2() { return 0; }
+modprobe() { return 0; }
+die() { echo "die: $*"; exit 1; }
+hookdir=${JSON.stringify(dir)}
+root=${JSON.stringify(vars.root ?? '')}
+netroot=${JSON.stringify(vars.netroot ?? '')}
+. ${JSON.stringify(hook)}
+echo "root=$root"; echo "netroot=$netroot"; echo "rootok=$rootok"`;
+    const out = execFileSync('sh', ['-c', script], { encoding: 'utf8', env: { ...process.env, CMDLINE: cmdline } });
+    const v = Object.fromEntries(out.trim().split('\n').map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+    let finished = false;
+    try {
+      finished = readFileSync(path.join(dir, 'initqueue/finished/nbd-attach.sh'), 'utf8').includes('/sys/block/nbd');
+    } catch {
+      finished = false;
+    }
+    return { root: v['root'] ?? '', netroot: v['netroot'] ?? '', rootok: v['rootok'] ?? '', finished };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("dracut parse hook: root=nbd:…, URIs, nbdroot=, and root=dhcp / netroot=dhcp once DHCP's root-path is NBD", () => {
+  assert.deepEqual(dracutParse('root=nbd:srv:10809 ip=dhcp'), { root: 'block:/dev/root', netroot: 'nbd:srv:10809', rootok: '1', finished: true });
+  assert.deepEqual(dracutParse('root=nbds://srv/disk'), { root: 'block:/dev/root', netroot: 'nbds://srv/disk', rootok: '1', finished: true });
+  assert.deepEqual(dracutParse('nbdroot=srv,disk root=/dev/nbd0p1'), { root: '/dev/nbd0p1', netroot: 'nbd:nbdroot', rootok: '1', finished: true });
+  // First pass of root=dhcp: not ours yet (dracut's dhcp-root.sh says rootok and waits for a lease).
+  assert.deepEqual(dracutParse('root=dhcp ip=dhcp'), { root: 'dhcp', netroot: '', rootok: '', finished: false });
+  // Second pass, netroot = the lease's root-path: an NBD one is ours, in either form.
+  assert.deepEqual(dracutParse('root=dhcp ip=dhcp', { root: 'dhcp', netroot: 'nbd:srv:disk' }), { root: 'block:/dev/root', netroot: 'nbd:srv:disk', rootok: '1', finished: true });
+  assert.deepEqual(dracutParse('netroot=dhcp ip=dhcp', { netroot: 'nbds://srv/disk' }), { root: 'block:/dev/root', netroot: 'nbds://srv/disk', rootok: '1', finished: true });
+  // Another protocol's root-path: left alone.
+  assert.deepEqual(dracutParse('root=dhcp ip=dhcp', { root: 'dhcp', netroot: 'nfs:srv:/export' }), { root: 'dhcp', netroot: 'nfs:srv:/export', rootok: '', finished: false });
+});
+
+test('nbd-attach boot: a report for each outcome the script waits for (none; failed with exit 2 and the reason)', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'nbd-boot-cmd-'));
+  try {
+    const run = (cmdline: string): { status: number | null; report: string } => {
+      const report = path.join(dir, 'sub', 'boot.env');
+      rmSync(report, { force: true });
+      const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'boot', '--cmdline', cmdline, '--report', report], {
+        encoding: 'utf8',
+        env: { ...process.env, NBD_ATTACH_RUN_DIR: dir, NBD_ATTACH_LOG_DIR: dir },
+      });
+      const shown = execFileSync('sh', ['-c', `. '${report}'; echo "$NBDROOT_STATE|$NBDROOT_PID|$NBDROOT_MESSAGE|\${NBDROOT_DEVICE-}"`], { encoding: 'utf8' }).trim();
+      return { status: r.status, report: shown };
+    };
+    const none = run('root=/dev/sda1 ro');
+    assert.equal(none.status, 0);
+    assert.match(none.report, /^none\|\d+\|-\|$/);
+    const bad = run('root=nbd:srv:disk nbddev=/dev/sda');
+    assert.equal(bad.status, 2);
+    assert.match(bad.report, /^failed\|\d+\|kernel command line: nbddev= '\/dev\/sda' is not an nbd device.*\|$/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -1,7 +1,7 @@
 #!/bin/sh
 # dracut netroot handler (/sbin/nbdroot, /sbin/nbdsroot): NETIF NETROOT NEWROOT. Attaches the root
-# with nbd-attach: the supervisor it leaves running carries the root from here on (argv[0] marked
-# '@', state and log under /run/nbd-attach, moved into the real root with /run).
+# with `nbd-attach boot`, one process that attaches and then carries the root as its supervisor
+# (argv[0] marked '@', state and log under /run/nbd-attach, moved into the real root with /run).
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -14,35 +14,44 @@ NEWROOT="$3"
 # nbdroot= form the parse hook put a placeholder there.
 rootpath="$nroot"
 [ "$nroot" = nbd:nbdroot ] && rootpath=
-tls=
-[ -d /etc/nbd-attach/initramfs-tls ] && tls=--tls-dir-present
-plan="$(nbd-attach boot-args --root-path "$rootpath" $tls)" || die "nbd-attach: cannot use this kernel command line"
-[ -n "$plan" ] || exit 0
-eval "$plan"
-eval "set -- $NBDROOT_ARGS"
-
-# Another interface may have come up first and attached it already.
-nbd-attach check "$NBDROOT_DEVICE" > /dev/null 2>&1 && exit 0
-
 mkdir -p /run/nbd-attach
-export NBD_ATTACH_LOG_DIR=/run/nbd-attach NBD_ATTACH_RUN_DIR=/run/nbd-attach
-tries=0
-until nbd-attach "$@"; do
-    rc=$?
-    [ "$rc" -ne 2 ] || die "nbd-attach: cannot attach $NBDROOT_DEVICE with: nbd-attach $*"
-    tries=$((tries + 1))
-    [ "$tries" -lt 10 ] || exit 1
-    warn "nbd-attach: attach failed; trying again in 3 s ($tries/10)"
-    sleep 3
-done
+report=/run/nbd-attach/boot.env
+# Another interface may have come up first: its handler started the attach already.
+if [ -r "$report" ]; then
+    . "$report"
+    [ -n "$NBDROOT_PID" ] && kill -0 "$NBDROOT_PID" 2> /dev/null && exit 0
+    [ "$NBDROOT_STATE" = ready ] && exit 0
+    rm -f "$report"
+fi
 
-# The supervisor starts beside the command and must have loaded all of itself before the
-# initramfs is emptied at switch_root: wait until it says it is supervising (30 s at most).
+# One Node.js process for the whole job: `nbd-attach boot` reads the command line (and the
+# root-path handed to us), attaches the root (trying again while the server comes up) and stays as
+# its supervisor; it reports to $report (shell assignments, replaced whole).
+export NBD_ATTACH_LOG_DIR=/run/nbd-attach NBD_ATTACH_RUN_DIR=/run/nbd-attach
+detach=
+command -v setsid > /dev/null 2>&1 && detach=setsid
+$detach nbd-attach boot --root-path "$rootpath" --report "$report" < /dev/null > /run/nbd-attach/boot.out 2>&1 &
+NBDROOT_STATE=attaching NBDROOT_PID=
 n=0
-until grep -q 'supervising (pid' "/run/nbd-attach/${NBDROOT_DEVICE#/dev/}.log" 2>/dev/null || [ "$n" -ge 300 ]; do
-    sleep 0.1; n=$((n + 1))
+while [ "$n" -lt 1800 ]; do
+    [ -r "$report" ] && . "$report"
+    [ "$NBDROOT_STATE" = attaching ] || break
+    if [ -n "$NBDROOT_PID" ] && ! kill -0 "$NBDROOT_PID" 2> /dev/null; then
+        . "$report"
+        [ "$NBDROOT_STATE" = attaching ] && NBDROOT_STATE=failed NBDROOT_MESSAGE="nbd-attach boot ended"
+        break
+    fi
+    sleep 0.1
+    n=$((n + 1))
 done
-[ "$n" -lt 300 ] || warn "nbd-attach: the supervisor of $NBDROOT_DEVICE did not report in 30 s"
+case "$NBDROOT_STATE" in
+    ready) ;;
+    none) exit 0 ;;
+    *)
+        warn "$(cat /run/nbd-attach/boot.out)"
+        die "nbd-attach: cannot attach the root: ${NBDROOT_MESSAGE:-no answer in 180 s}"
+        ;;
+esac
 
 if [ "$NBDROOT_ROOT" != "$NBDROOT_DEVICE" ]; then
     blockdev --rereadpt "$NBDROOT_DEVICE" 2> /dev/null || dd if="$NBDROOT_DEVICE" of=/dev/null bs=4096 count=1 2> /dev/null

@@ -1,11 +1,14 @@
 #!/bin/sh
 # dracut cmdline hook (sourced): does the command line ask for a root on NBD? Then tell dracut the
 # root is coming (rootok=1) and over the network (netroot=…, handled by /sbin/nbdroot once an
-# interface is up). The full parsing happens there, in `nbd-attach boot-args`.
+# interface is up). The full parsing happens there, in `nbd-attach boot`.
 
 [ -z "$root" ] && root=$(getarg root=)
 nbdroot_arg=$(getarg nbdroot=)
 _nbdnet=
+# root=dhcp / netroot=dhcp: dracut's network module (40network/netroot.sh) sets netroot to DHCP's
+# root-path once a lease is bound and sources the cmdline hooks again; an NBD root-path is ours.
+case "$netroot" in nbd:* | nbd://* | nbds://*) _nbdnet=$netroot ;; esac
 for _n in $(getargs netroot=); do
     case "$_n" in nbd:* | nbd://* | nbds://*) _nbdnet=$_n ;; esac
 done
