@@ -17,7 +17,7 @@
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { Cmd, CmdFlag, DEFAULT_MAX_PAYLOAD, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
 import type { Request } from '../protocol/codec.ts';
 import { activityOf, type ExportActivity } from './activity.ts';
