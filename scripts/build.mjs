@@ -83,7 +83,10 @@ export async function build({ outdir = DIST } = {}) {
       banner: { js: "var __nbd_import_meta = { url: require('node:url').pathToFileURL(__filename).href };" },
     });
     const bundle = path.join(tmp, CLI_BUNDLE);
-    const text = fs.readFileSync(bundle, 'utf8');
+    // ASCII only: one character outside Latin-1 makes V8 hold the whole source as UTF-16, twice
+    // the memory in every process (the supervisor's RSS). esbuild escapes strings and regexps;
+    // what is left is in comments, written as \u{…} (the line's length changes after it only).
+    const text = fs.readFileSync(bundle, 'utf8').replace(/[^\x00-\x7f]/gu, (c) => `\\u{${c.codePointAt(0).toString(16)}}`);
     const id = crypto.createHash('sha256').update(text).digest('hex').slice(0, 16);
     fs.writeFileSync(bundle, `${text}${BUILD_ID_LINE}${id}\n`);
     warmUp(bundle, id);
