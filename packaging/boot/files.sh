@@ -35,7 +35,7 @@ nbd_attach_boot_wrapper() {
 
 # nbd_attach_boot_check: fail with one line when something the initramfs needs is missing.
 nbd_attach_boot_check() {
-  for f in nbd-attach.mjs node_modules/commander/package.json node_modules/koffi/package.json; do
+  for f in nbd-attach.mjs nbd-attach-cli.cjs node_modules/koffi/package.json; do
     [ -e "$NBD_ATTACH_LIB/$f" ] || { echo "nbd-attach: $NBD_ATTACH_LIB/$f is missing: reinstall nbd-attach (or set NBD_ATTACH_LIB to a directory laid out as /usr/lib/nbd-attach)" >&2; return 1; }
   done
   [ -x "$NBD_ATTACH_NODE" ] || { echo "nbd-attach: no Node.js binary at $NBD_ATTACH_NODE: install nodejs (>= 20) or set NBD_ATTACH_NODE" >&2; return 1; }

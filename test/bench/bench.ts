@@ -84,7 +84,11 @@ async function attachLatency(): Promise<void> {
     if (t) timings.push(t);
     const pid = Number(/supervisor pid (\d+)/.exec(a.stdout)?.[1]);
     m.check.push(await timedRun(process.execPath, [CLI, '-c', '/dev/nbd0'], { anyExit: true }));
-    await new Promise((r) => setTimeout(r, 3000)); // the supervisor settles (idle)
+    // The supervisor has started when it has loaded koffi (netlink subscription, socket checks);
+    // then it settles (idle). Measured earlier, a supervisor still loading looks smaller.
+    const t0 = Date.now();
+    while (!readFileSync(`/proc/${pid}/maps`, 'utf8').includes('koffi') && Date.now() - t0 < 60_000) await new Promise((r) => setTimeout(r, 200));
+    await new Promise((r) => setTimeout(r, 3000));
     const kb = Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
     if (kb > 0) rss.push(kb / 1024);
     m.detach.push(await timedRun(process.execPath, [CLI, '-d', '/dev/nbd0']));
