@@ -9,10 +9,11 @@
 // flags, or a missing or damaged file make V8 reject it (script.cachedDataRejected) and the code
 // simply compiles. Nothing is written at run time: dist/ may be read-only.
 
-import fs from 'node:fs';
-import path from 'node:path';
-import vm from 'node:vm';
 import { createRequire } from 'node:module';
+
+// Required, not imported: built, this module is inlined into the entry, whose imports would load
+// for `--version` too.
+const builtin = createRequire(import.meta.url);
 
 /** The CommonJS wrapper, as scripts/build.mjs wraps the same text to make the cache (it must match). */
 export const WRAP_HEAD = '(function (exports, require, module, __filename, __dirname) {';
@@ -52,6 +53,9 @@ export function cacheFor(id: string | undefined, file: Buffer | undefined): Buff
 export function loadBundle<T>(file: string, useCache = true): Loaded<T> {
   const require = createRequire(file);
   if (!useCache) return { exports: require(file) as T, cacheUsed: false };
+  const fs = builtin('node:fs') as typeof import('node:fs');
+  const path = builtin('node:path') as typeof import('node:path');
+  const vm = builtin('node:vm') as typeof import('node:vm');
   const source = fs.readFileSync(file, 'utf8');
   let cacheFile: Buffer | undefined;
   try {
