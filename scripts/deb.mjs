@@ -137,7 +137,7 @@ export async function buildDeb({ outdir = path.join(ROOT, 'dist') } = {}) {
     const lib = path.join(stage, LIB);
     fs.mkdirSync(lib, { recursive: true });
     for (const name of fs.readdirSync(dist)) {
-      if (!/\.(mjs|cjs)(\.map|\.cache)?$/.test(name)) continue;
+      if (!name.endsWith('.mjs') && !name.endsWith('.mjs.map')) continue;
       fs.copyFileSync(path.join(dist, name), path.join(lib, name));
       fs.chmodSync(path.join(lib, name), 0o644);
     }

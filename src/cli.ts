@@ -100,15 +100,3 @@ export async function main(argv: readonly string[]): Promise<number> {
     return reportError(err);
   }
 }
-
-/**
- * Load (without running) the modules of the hot commands: attach, check, detach. Only the build
- * calls it, in its warm-up before it saves the code cache (scripts/build.mjs), so that their
- * top-level code is in the cache too; a command loads them itself when it runs.
- */
-export async function loadHotModules(): Promise<void> {
-  await import('./supervisor/run.ts');
-  await import('./kernel/attach.ts');
-  await import('./kernel/check.ts');
-  await import('./client/negotiate.ts');
-}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lay out /usr/lib/nbd-attach as the Debian package installs it, from this checkout, into DEST:
-#   DEST/nbd-attach.mjs, DEST/nbd-attach-cli.cjs(.cache), DEST/doit-worker.mjs  the built files (npm run build)
+#   DEST/nbd-attach.mjs, DEST/doit-worker.mjs, DEST/chunk-*.mjs  the built modules (npm run build)
 #   DEST/node_modules/{commander,debug,ms,koffi,@koromix/koffi-linux-x64}  run-time packages
 #   DEST/boot-files.sh  what the initramfs hooks copy (packaging/boot/files.sh)
 # The boot tests point the hooks at DEST with NBD_ATTACH_LIB=DEST.
@@ -14,8 +14,7 @@ mkdir -p "$DEST/node_modules"
 if [ -f "$ROOT/scripts/build.mjs" ]; then
   # The project's own build (npm run build) writes dist/.
   (cd "$ROOT" && node scripts/build.mjs >/dev/null)
-  cp -p "$ROOT"/dist/*.mjs "$ROOT"/dist/*.cjs "$DEST/"
-  if [ -f "$ROOT"/dist/nbd-attach-cli.cjs.cache ]; then cp -p "$ROOT"/dist/nbd-attach-cli.cjs.cache "$DEST/"; fi
+  cp -p "$ROOT"/dist/*.mjs "$DEST/"
 else
   # One self-contained module per entry; the worker sits beside the CLI (src/kernel/attach.ts).
   (cd "$ROOT" && node --input-type=module -e "

@@ -1,8 +1,6 @@
 // The shipped forms of nbd-attach, on the host (no root needed except for `dpkg --root`):
-//  - `npm run build` writes dist/ (an entry, the command line as one CommonJS file with its V8 code
-//    cache, the -L worker), and the built CLI runs from it, uses the cache, writes nothing, and
-//    loads only what the command needs (--version: nothing; --help and check: no package file, no
-//    TLS, net, child_process, worker, crypto, debug or koffi; detach: no worker, debug or koffi);
+//  - `npm run build` writes dist/, and the built CLI runs from it, writes nothing, and loads only
+//    what the command needs (--version: nothing; --help and check: no TLS, worker, debug or koffi);
 //  - `npm pack` gives a tarball that installs offline (from npm's cache, as `npm ci` filled it) and
 //    runs `nbd-attach --version` and `--help`;
 //  - `npm run deb` gives a Debian package whose files, launcher, man pages, koffi (this machine's
@@ -86,21 +84,15 @@ function loadedBy(args: string[], t: { after(fn: () => void): void }, env: NodeJ
   return { builtins: new Set(r.builtins), packages, stdout: fs.readFileSync(out, 'utf8') };
 }
 
-test('npm run build writes dist/: the entry, the command line and its code cache, the -L worker beside it, source maps', () => {
+test('npm run build writes dist/: the CLI, the -L worker beside it, source maps', () => {
   mustRun('npm', ['run', '--silent', 'build'], { cwd: REPO });
-  const built = ['nbd-attach.mjs', 'nbd-attach.mjs.map', 'nbd-attach-cli.cjs', 'nbd-attach-cli.cjs.map', 'nbd-attach-cli.cjs.cache', 'doit-worker.mjs', 'doit-worker.mjs.map'];
-  for (const f of built) assert.ok(fs.existsSync(path.join(DIST, f)), `dist/${f}`);
-  // Few files: each costs a lookup and a read at start (over 9p in the test VM); no chunks.
-  assert.deepEqual(fs.readdirSync(DIST).filter((n) => /\.(mjs|cjs)(\.map|\.cache)?$/.test(n)).sort(), [...built].sort());
+  for (const f of ['nbd-attach.mjs', 'nbd-attach.mjs.map', 'doit-worker.mjs', 'doit-worker.mjs.map']) {
+    assert.ok(fs.existsSync(path.join(DIST, f)), `dist/${f}`);
+  }
   assert.match(fs.readFileSync(CLI, 'utf8'), /^#!\/usr\/bin\/env node\n/);
   // The source maps name the sources where they are (stack traces with DEBUG set point into src/).
   const map = JSON.parse(fs.readFileSync(path.join(DIST, 'nbd-attach.mjs.map'), 'utf8')) as { sources: string[] };
-  assert.deepEqual(map.sources.sort(), ['../src/bundle.ts', '../src/main.ts', '../src/version.ts']);
-  // The command line bundles commander; koffi (native) and debug (only with DEBUG set) are
-  // required at run time through createRequire, each where it is needed.
-  const cli = fs.readFileSync(path.join(DIST, 'nbd-attach-cli.cjs'), 'utf8');
-  assert.match(cli, /^\/\/ node_modules\/commander\/lib\/command\.js$/m, 'commander is in the bundle');
-  assert.deepEqual([...new Set([...cli.matchAll(/require\("([^".][^"]*)"\)/g)].map((m) => m[1]).filter((n) => !n!.startsWith('node:')))].sort(), [], 'the bundle requires no package itself (koffi and debug: createRequire, where needed)');
+  assert.deepEqual(map.sources, ['../src/main.ts']);
   assert.equal(PKG.bin['nbd-attach'], 'dist/nbd-attach.mjs');
   // Every chunk a module imports is there (a broken chunk name would fail only the command using it).
   for (const f of fs.readdirSync(DIST).filter((n) => n.endsWith('.mjs'))) {
@@ -126,29 +118,24 @@ test('the built CLI runs from dist/, writes nothing there, and loads only what t
   assert.match(bad.stderr, /^nbd-attach: /);
   assert.deepEqual(listing(DIST), before, 'running the CLI changed nothing in dist/');
 
-  // The code cache is the build's own and V8 takes it (a mismatch would only cost time: see it here).
-  const cached = run(process.execPath, [CLI, 'check', 'nbd4095'], { env: { ...process.env, NBD_ATTACH_TIMING: '1' } });
-  assert.match(cached.stderr, /^nbd-attach: code cache used$/m, cached.stderr);
-
   const v = loadedBy(['--version'], t);
   assert.equal(v.stdout, `${PKG.version}\n`);
   assert.deepEqual([...v.packages], [], '--version loads no package (not even commander)');
-  assert.ok(!v.builtins.has('net'), '--version loads no node:net');
   for (const args of [['--help'], ['check', 'nbd4095'], ['detach', 'nbd4095']]) {
     const l = loadedBy(args, t);
-    assert.match(l.stdout + args.join(' '), args[0] === '--help' ? /Attach a Network Block Device/ : /nbd4095/, 'the command ran');
-    assert.deepEqual([...l.packages], [], `${args.join(' ')} loads no package from node_modules (commander is in the bundle; no koffi, no debug)`);
-    const heavy = args[0] === 'detach' ? ['tls', '_tls_wrap', 'worker_threads', 'tty'] : ['tls', '_tls_wrap', 'net', 'child_process', 'worker_threads', 'crypto', 'tty'];
+    assert.ok(l.packages.has('commander'), 'the probe sees packages');
+    const heavy = ['tls', '_tls_wrap', 'worker_threads', 'tty', ...(args[0] === 'detach' ? [] : ['crypto'])];
     for (const b of heavy) assert.ok(!l.builtins.has(b), `${args.join(' ')} loads node:${b}`);
+    // debug (and ms, node:tty) only with DEBUG set (src/debug.ts); koffi only for a syscall.
+    for (const p of ['koffi', 'debug', 'ms']) assert.ok(!l.packages.has(p), `${args.join(' ')} loads ${p}`);
   }
-  // And the probe can see them: `list` loads the client (node:net) but TLS only when asked for;
-  // with DEBUG set, the debug package (from node_modules) and node:tty.
+  // And the probe can see them: `list` loads the client but TLS only when asked for, and debug
+  // only with DEBUG set.
   const list = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t);
-  assert.ok(list.builtins.has('net'), 'list loads the client (node:net)');
-  assert.ok(!list.builtins.has('tls'), 'a plain list does not load node:tls');
   assert.ok(!list.packages.has('debug') && !list.builtins.has('tty'), 'list without DEBUG loads no debug');
+  assert.ok(!list.builtins.has('tls'), 'a plain list does not load node:tls');
   const debugList = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t, { DEBUG: 'nbd:*' });
-  assert.ok(debugList.packages.has('debug') && debugList.builtins.has('tty'), 'list with DEBUG=nbd:* loads debug');
+  assert.ok(debugList.packages.has('debug'), 'list with DEBUG=nbd:* loads debug');
   const listTls = loadedBy(['list', '-x', '--no-tls-verify', '127.0.0.1:1', '--connect-timeout', '1'], t);
   assert.ok(listTls.builtins.has('tls'), 'list -x loads node:tls');
 });
@@ -158,7 +145,7 @@ test('npm pack: the tarball holds dist/ and the man pages, and installs and runs
   // --ignore-scripts: dist/ was just built; pack would otherwise run `prepare` again.
   const packed = JSON.parse(mustRun('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], { cwd: REPO })) as { filename: string; files: { path: string }[] }[];
   const files = packed[0]!.files.map((f) => f.path);
-  for (const f of ['package.json', 'README.md', 'dist/nbd-attach.mjs', 'dist/nbd-attach-cli.cjs', 'dist/nbd-attach-cli.cjs.cache', 'dist/doit-worker.mjs', 'packaging/man/nbd-attach.8', 'packaging/man/nbdtab.5']) assert.ok(files.includes(f), `the tarball has ${f}`);
+  for (const f of ['package.json', 'README.md', 'dist/nbd-attach.mjs', 'dist/doit-worker.mjs', 'packaging/man/nbd-attach.8', 'packaging/man/nbdtab.5']) assert.ok(files.includes(f), `the tarball has ${f}`);
   assert.deepEqual(files.filter((f) => /^(src|test|scripts|native-bindings)\/|\.deb$|\.ts$/.test(f)), [], 'no sources, tests or packages in the tarball');
 
   // Offline: `npm ci` caches the packages' tarballs but not their registry documents, so a plain
@@ -203,7 +190,7 @@ test('npm run deb: a Debian package with the launcher, the app, man pages; it in
     .split('\n')
     .filter(Boolean)
     .map((l) => l.split(/\s+/).slice(5).join(' ').replace(/^\.\//, '/'));
-  for (const f of ['/usr/sbin/nbd-attach', '/usr/lib/nbd-attach/nbd-attach.mjs', '/usr/lib/nbd-attach/nbd-attach-cli.cjs', '/usr/lib/nbd-attach/nbd-attach-cli.cjs.cache', '/usr/lib/nbd-attach/doit-worker.mjs', '/usr/share/man/man8/nbd-attach.8.gz', '/usr/share/man/man5/nbdtab.5.gz', '/usr/share/doc/nbd-attach/copyright']) {
+  for (const f of ['/usr/sbin/nbd-attach', '/usr/lib/nbd-attach/nbd-attach.mjs', '/usr/lib/nbd-attach/doit-worker.mjs', '/usr/share/man/man8/nbd-attach.8.gz', '/usr/share/man/man5/nbdtab.5.gz', '/usr/share/doc/nbd-attach/copyright']) {
     assert.ok(contents.includes(f), `the package has ${f}`);
   }
   for (const p of ['commander', 'debug', 'ms', 'koffi']) assert.ok(contents.includes(`/usr/lib/nbd-attach/node_modules/${p}/package.json`), `the package has ${p}`);
