@@ -132,7 +132,7 @@ async function attachLatency(): Promise<void> {
   }
   if (steps.size) {
     const parts = [...steps].map(([name, xs]) => `${name} ${median(xs).toFixed(0)} ms`);
-    report(`attach breakdown, medians of ${timings.length} (node -e 0 takes ${wall(m.node).toFixed(0)} ms of "loaded"; code cache ${m.attach.every((a) => /code cache used/.test(a.stderr)) ? 'used' : 'NOT used'}): ${parts.join(', ')}`);
+    report(`attach breakdown, medians of ${timings.length} (node -e 0 takes ${wall(m.node).toFixed(0)} ms of "loaded"): ${parts.join(', ')}`);
   }
   await srv.stop();
 }
