@@ -5,7 +5,7 @@
 // Every wait is bounded by a timer. Replies are matched by sequence number; the request ends with the
 // NLMSG_ERROR ack (error 0 = success, negative errno = failure), which arrives after any data reply.
 
-import createDebug from 'debug';
+import createDebug from '../src/debug.ts';
 import * as libc from './libc.ts';
 import {
   AF_NETLINK,

@@ -8,7 +8,7 @@
 import { Duplex } from 'node:stream';
 import type net from 'node:net';
 import tls from 'node:tls';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import {
   ContentType,
   type DirectionKeys,

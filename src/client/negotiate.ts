@@ -2,7 +2,7 @@
 // socket positioned exactly at the start of the transmission phase (nothing read past the handshake).
 
 import net from 'node:net';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { type Endpoint, type Target, describeEndpoint } from '../address.ts';
 import { NbdError } from '../errors.ts';
 import { Cmd } from '../protocol/constants.ts';

@@ -10,7 +10,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import type { Endpoint, TlsSettings } from '../address.ts';
 import { NbdError } from '../errors.ts';
 import { loadPskFile } from '../tls-files.ts';

@@ -10,8 +10,9 @@
 import fs from 'node:fs';
 import type net from 'node:net';
 import { randomUUID } from 'node:crypto';
-import { Worker } from 'node:worker_threads';
-import createDebug from 'debug';
+import { createRequire } from 'node:module';
+import type { Worker } from 'node:worker_threads';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import { mark } from '../timing.ts';
 import { TransmissionFlag } from '../protocol/constants.ts';
@@ -401,8 +402,10 @@ function pickFreeDevice(roots: Roots): DeviceRef {
 }
 
 function startWorker(req: DoItRequest): Worker {
-  // Built (scripts/build.mjs), this module is a chunk of dist/ and the worker's own entry,
-  // doit-worker.mjs, sits beside it.
+  // node:worker_threads loads here, for -L (or a kernel without netlink) only, not at every detach.
+  const { Worker } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
+  // Built (scripts/build.mjs), this module is in dist/nbd-attach-cli.cjs and the worker's own
+  // entry, doit-worker.mjs, sits beside it.
   if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./doit-worker.mjs', import.meta.url), { workerData: req });
   // Workers do not inherit tsx's loader hooks: register them in the worker, then load the TS entry.
   const api = import.meta.resolve('tsx/esm/api');

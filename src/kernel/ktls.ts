@@ -6,7 +6,7 @@
 // which the kernel reports as a dead link, like any other broken connection.
 
 import type net from 'node:net';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import type { KernelTlsParams } from '../client/ktls.ts';
 import { cryptoInfo } from '../client/ktls-keys.ts';

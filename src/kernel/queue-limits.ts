@@ -24,7 +24,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import { TransmissionFlag } from '../protocol/constants.ts';
 import type { BlockSizes } from '../protocol/codec.ts';

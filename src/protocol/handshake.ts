@@ -14,7 +14,7 @@
 // and option haggling starts over inside TLS. A server that cannot do TLS fails the handshake: there
 // is no fallback to plain text (uri.md: "If encryption cannot be negotiated then the connection MUST fail").
 
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import { decodeWire, display, encodeWire, wireLength } from '../text.ts';
 import {

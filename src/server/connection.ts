@@ -18,7 +18,7 @@
 // A protocol violation (bad request magic) closes this connection only.
 
 import type { Duplex } from 'node:stream';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { activityOf } from './activity.ts';
 import { type ConnectionOptions, type ConnectionPhase, type ConnectionSettings, type ServedConnection, withDefaults } from './connection-options.ts';
 import { isReadOnly, type ServedExport } from './export.ts';

@@ -10,7 +10,7 @@
 // "Transmission"); storage operations that change data are registered with the export's activity
 // (activity.ts), so a later connection's transmission starts only after them.
 
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { Cmd, CmdFlag, WireErr, cmdName, wireErrName } from '../protocol/constants.ts';
 import type { Request } from '../protocol/codec.ts';
 import type { ExportActivity } from './activity.ts';

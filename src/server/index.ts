@@ -9,7 +9,7 @@
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
 import { basename } from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import { DEFAULT_PORT, MAX_STRING } from '../protocol/constants.ts';
 import { display, wireLength } from '../text.ts';

@@ -5,7 +5,7 @@
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type tls from 'node:tls';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import * as libc from '../../native-bindings/libc.ts';
 
 const log = createDebug('nbd:server');

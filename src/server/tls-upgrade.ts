@@ -7,7 +7,7 @@
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import type { TlsMode } from './handshake.ts';
 import { peerVerificationError } from './socket-edge.ts';
 

@@ -9,7 +9,7 @@
 // seen while paused are reported to the connection (connection.ts), which tells it to `stop`.
 
 import type { Duplex } from 'node:stream';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { Cmd } from '../protocol/constants.ts';
 import type { ExportActivity } from './activity.ts';
 import type { BufferPool } from './buffer-pool.ts';

@@ -69,6 +69,7 @@ export async function attachNew(
   // changes nothing; one the kernel picks is locked right after (it was free a moment ago).
   const named = device !== undefined ? resolveDevice(device, undefined, 'attach') : undefined;
   let lock: DeviceLock | undefined = named ? lockDevice(named.index, named.path, 'attach') : undefined;
+  mark('checks + lock');
   try {
     return await attachLocked();
   } catch (e) {

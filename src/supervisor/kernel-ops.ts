@@ -2,7 +2,7 @@
 // "nbd_mc_group" multicast group and sends RECONFIGURE / DISCONNECT; sysfs reads; socket tuning.
 
 import type net from 'node:net';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError } from '../errors.ts';
 import * as libc from '../../native-bindings/libc.ts';
 import { GenlSocket } from '../../native-bindings/netlink.ts';

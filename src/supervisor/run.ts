@@ -5,7 +5,7 @@
 // - the background process itself (--supervisor-child): reports over the pipe (reporter.ts);
 // - foreground (-n/--foreground, systemd's Type=notify): everything in this process, log on stderr.
 
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { NbdError, exitCodeOf } from '../errors.ts';
 import { mark } from '../timing.ts';
 import { type ConnectionSource, localSource, remoteSource } from './source.ts';

@@ -12,7 +12,7 @@
 // kept duplicates: docs/decisions.md "Graceful server restart".
 
 import fs from 'node:fs';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import * as libc from '../../native-bindings/libc.ts';
 import { MSG_DONTWAIT, MSG_PEEK } from '../kernel/constants.ts';
 import { reconnectLimits } from '../kernel/queue-limits.ts';

@@ -5,7 +5,7 @@
 // like a remote one: a connection the kernel declares dead is replaced with a fresh socketpair.
 
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../debug.ts';
 import { type Endpoint, type Target, type TlsSettings, describeEndpoint } from '../address.ts';
 import { type Connection, negotiate, negotiateOn } from '../client/negotiate.ts';
 import { NbdError } from '../errors.ts';

@@ -34,10 +34,31 @@ function report(line: string): void {
   process.stdout.write(`bench: ${line}\n`);
 }
 
-async function timed(file: string, args: string[]): Promise<number> {
+/** Wall and CPU (user+sys) milliseconds of one command, and its output. */
+interface Timed {
+  wall: number;
+  cpu: number;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Run a command under bash and read its CPU time from bash's `times` (user and sys of the waited-for
+ * child; a detached supervisor is not counted). CPU time is steadier than wall time when other
+ * work shares the machine. The last stderr line is `times`' children line, removed from the output.
+ */
+async function timedRun(file: string, args: string[], opts: { env?: NodeJS.ProcessEnv; anyExit?: boolean } = {}): Promise<Timed> {
+  const script = '"$@"; rc=$?; times >&2; exit $rc';
   const t0 = performance.now();
-  await mustRun(file, args, { timeoutMs: 120_000 });
-  return performance.now() - t0;
+  const r = await run('bash', ['-c', script, 'bash', file, ...args], { timeoutMs: 120_000, ...(opts.env ? { env: opts.env } : {}) });
+  const wall = performance.now() - t0;
+  const lines = r.stderr.trimEnd().split('\n');
+  const m = /^(\d+)m([\d.]+)s (\d+)m([\d.]+)s$/.exec(lines.at(-1) ?? '');
+  if (!m) throw new Error(`bench: no CPU times from ${file} ${args.join(' ')}: ${r.stderr}`);
+  const cpu = (Number(m[1]) * 60 + Number(m[2]) + Number(m[3]) * 60 + Number(m[4])) * 1000;
+  const stderr = lines.slice(0, -2).join('\n');
+  if (!opts.anyExit && r.code !== 0) throw new Error(`bench: ${file} ${args.join(' ')} exited ${r.code}: ${stderr}`);
+  return { wall, cpu, stdout: r.stdout, stderr };
 }
 
 /** Start-up targets: attach ≤ 3×, detach and check ≤ 2.5× nbd-client; --version ≤ 1.25× `node -e 0`; idle supervisor ≤ 45 MB. */
@@ -46,54 +67,74 @@ const verdict = (r: number, max: number): string => (r <= max ? `target ≤ ${ma
 
 async function attachLatency(): Promise<void> {
   const srv = await startNbdkit(['memory', '64M']);
-  const ours: number[] = [];
-  const ref: number[] = [];
-  const oursDetach: number[] = [];
-  const refDetach: number[] = [];
-  const oursCheck: number[] = [];
-  const refCheck: number[] = [];
-  const nodeStart: number[] = [];
-  const version: number[] = [];
+  const m = {
+    attach: [] as Timed[], refAttach: [] as Timed[], detach: [] as Timed[], refDetach: [] as Timed[],
+    check: [] as Timed[], refCheck: [] as Timed[], node: [] as Timed[], version: [] as Timed[],
+  };
   const rss: number[] = [];
   const timings: string[] = [];
   for (let i = 0; i < REPS; i++) {
     // Alternating, same server: nbd-client, then ours.
-    ref.push(await timed('nbd-client', ['127.0.0.1', String(srv.port), '/dev/nbd0']));
-    refCheck.push(await timedAnyExit('nbd-client', ['-c', '/dev/nbd0']));
-    refDetach.push(await timed('nbd-client', ['-d', '/dev/nbd0']));
-    const t0 = performance.now();
-    const a = await mustRun(process.execPath, [CLI, '127.0.0.1', String(srv.port), '/dev/nbd0'], { timeoutMs: 120_000, env: { ...process.env, NBD_ATTACH_TIMING: '1' } });
-    ours.push(performance.now() - t0);
+    m.refAttach.push(await timedRun('nbd-client', ['127.0.0.1', String(srv.port), '/dev/nbd0']));
+    m.refCheck.push(await timedRun('nbd-client', ['-c', '/dev/nbd0'], { anyExit: true }));
+    m.refDetach.push(await timedRun('nbd-client', ['-d', '/dev/nbd0']));
+    const a = await timedRun(process.execPath, [CLI, '127.0.0.1', String(srv.port), '/dev/nbd0'], { env: { ...process.env, NBD_ATTACH_TIMING: '1' } });
+    m.attach.push(a);
     const t = /^timing: .*$/m.exec(a.stderr)?.[0];
     if (t) timings.push(t);
     const pid = Number(/supervisor pid (\d+)/.exec(a.stdout)?.[1]);
-    oursCheck.push(await timedAnyExit(process.execPath, [CLI, '-c', '/dev/nbd0']));
-    await new Promise((r) => setTimeout(r, 3000)); // the supervisor settles (idle)
+    m.check.push(await timedRun(process.execPath, [CLI, '-c', '/dev/nbd0'], { anyExit: true }));
+    // The supervisor has started when it has loaded koffi (netlink subscription, socket checks);
+    // then it settles (idle). Measured earlier, a supervisor still loading looks smaller.
+    const t0 = Date.now();
+    while (!readFileSync(`/proc/${pid}/maps`, 'utf8').includes('koffi') && Date.now() - t0 < 60_000) await new Promise((r) => setTimeout(r, 200));
+    await new Promise((r) => setTimeout(r, 3000));
     const kb = Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
     if (kb > 0) rss.push(kb / 1024);
-    oursDetach.push(await timed(process.execPath, [CLI, '-d', '/dev/nbd0']));
-    nodeStart.push(await timed(process.execPath, ['-e', '0']));
-    version.push(await timed(process.execPath, [CLI, '--version']));
+    m.detach.push(await timedRun(process.execPath, [CLI, '-d', '/dev/nbd0']));
+    m.node.push(await timedRun(process.execPath, ['-e', '0']));
+    m.version.push(await timedRun(process.execPath, [CLI, '--version']));
   }
-  const line = (what: string, a: number[], b: number[], refName: string, max: number): void => {
-    const r = median(a) / median(b);
-    report(`${what.padEnd(9)} median ${median(a).toFixed(0)} ms vs ${refName} ${median(b).toFixed(0)} ms = ${ratio(median(a), median(b))} (${verdict(r, max)})`);
+  const wall = (xs: Timed[]): number => median(xs.map((x) => x.wall));
+  const cpu = (xs: Timed[]): number => median(xs.map((x) => x.cpu));
+  const line = (what: string, a: Timed[], b: Timed[], refName: string, max: number): void => {
+    const r = wall(a) / wall(b);
+    const runs = (xs: Timed[]): string => xs.map((x) => x.wall.toFixed(0)).join(', ');
+    report(
+      `${what.padEnd(9)} median ${wall(a).toFixed(0)} ms vs ${refName} ${wall(b).toFixed(0)} ms = ${ratio(wall(a), wall(b))} (${verdict(r, max)}); ` +
+        `CPU ${cpu(a).toFixed(0)} ms vs ${cpu(b).toFixed(0)} ms = ${ratio(cpu(a), cpu(b))} (runs: ${runs(a)} vs ${runs(b)})`,
+    );
   };
-  line('attach', ours, ref, 'nbd-client', TARGETS.attach);
-  line('detach', oursDetach, refDetach, 'nbd-client', TARGETS.detach);
-  line('check', oursCheck, refCheck, 'nbd-client -c', TARGETS.check);
-  line('--version', version, nodeStart, 'node -e 0', TARGETS.version);
-  report(`supervisor idle RSS median ${median(rss).toFixed(1)} MB (target ≤ ${TARGETS.rssMB} MB: ${median(rss) <= TARGETS.rssMB ? 'met' : 'NOT met'})`);
+  line('attach', m.attach, m.refAttach, 'nbd-client', TARGETS.attach);
+  line('detach', m.detach, m.refDetach, 'nbd-client', TARGETS.detach);
+  line('check', m.check, m.refCheck, 'nbd-client -c', TARGETS.check);
+  line('--version', m.version, m.node, 'node -e 0', TARGETS.version);
+  // The floor: starting Node at all, against nbd-client's whole attach, check and detach.
+  report(
+    `floor: node -e 0 median ${wall(m.node).toFixed(0)} ms (CPU ${cpu(m.node).toFixed(0)} ms) = ` +
+      `${ratio(wall(m.node), wall(m.refAttach))} nbd-client's attach, ${ratio(wall(m.node), wall(m.refCheck))} its check, ${ratio(wall(m.node), wall(m.refDetach))} its detach (wall); ` +
+      `CPU ${ratio(cpu(m.node), cpu(m.refAttach))}, ${ratio(cpu(m.node), cpu(m.refCheck))}, ${ratio(cpu(m.node), cpu(m.refDetach))}`,
+  );
+  // The RSS floor: an idle Node that loaded nothing (most of it is the node binary's own pages).
+  const idle = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
+  await new Promise((r) => setTimeout(r, 3000));
+  const idleKb = Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${idle.pid}/status`, 'utf8'))?.[1]);
+  idle.kill('SIGKILL');
+  report(`supervisor idle RSS median ${median(rss).toFixed(1)} MB (target ≤ ${TARGETS.rssMB} MB: ${median(rss) <= TARGETS.rssMB ? 'met' : 'NOT met'}; runs: ${rss.map((x) => x.toFixed(1)).join(', ')}); an idle \`node -e\` ${(idleKb / 1024).toFixed(1)} MB`);
   // Where an attach's time goes (the last run; NBD_ATTACH_TIMING): Node start is `node -e 0`'s median.
-  if (timings.length) report(`attach breakdown (node -e 0 takes ${median(nodeStart).toFixed(0)} ms of "loaded"): ${timings.at(-1)!.replace(/^timing: /, '')}`);
+  // Where an attach's time goes (NBD_ATTACH_TIMING): the median of each step over the runs.
+  const steps = new Map<string, number[]>();
+  for (const t of timings) {
+    for (const part of t.replace(/^timing: /, '').replace(/ \(total.*$/, '').split(', ')) {
+      const pm = /^(.*?) \+?(\d+) ms$/.exec(part);
+      if (pm) steps.set(pm[1]!, [...(steps.get(pm[1]!) ?? []), Number(pm[2])]);
+    }
+  }
+  if (steps.size) {
+    const parts = [...steps].map(([name, xs]) => `${name} ${median(xs).toFixed(0)} ms`);
+    report(`attach breakdown, medians of ${timings.length} (node -e 0 takes ${wall(m.node).toFixed(0)} ms of "loaded"): ${parts.join(', ')}`);
+  }
   await srv.stop();
-}
-
-/** Like timed(), for commands whose exit code is an answer (check: 0 attached, 1 not). */
-async function timedAnyExit(file: string, args: string[]): Promise<number> {
-  const t0 = performance.now();
-  await run(file, args, { timeoutMs: 120_000 });
-  return performance.now() - t0;
 }
 
 interface FioResult {

@@ -61,7 +61,7 @@ function listing(dir: string): string[] {
 }
 
 /** Which built-in modules and CommonJS packages one run of the built CLI loaded. */
-function loadedBy(args: string[], t: { after(fn: () => void): void }): { builtins: Set<string>; packages: Set<string>; stdout: string } {
+function loadedBy(args: string[], t: { after(fn: () => void): void }, env: NodeJS.ProcessEnv = {}): { builtins: Set<string>; packages: Set<string>; stdout: string } {
   const dir = tmp(t, 'probe');
   const probe = path.join(dir, 'probe.cjs');
   const report = path.join(dir, 'loaded.json');
@@ -75,7 +75,7 @@ function loadedBy(args: string[], t: { after(fn: () => void): void }): { builtin
   const out = path.join(dir, 'stdout');
   const fd = fs.openSync(out, 'w');
   try {
-    run(process.execPath, ['--require', probe, CLI, ...args], { stdio: ['ignore', fd, 'ignore'], timeout: 30_000 });
+    run(process.execPath, ['--require', probe, CLI, ...args], { stdio: ['ignore', fd, 'ignore'], timeout: 30_000, env: { ...process.env, ...env } });
   } finally {
     fs.closeSync(fd);
   }
@@ -121,16 +121,21 @@ test('the built CLI runs from dist/, writes nothing there, and loads only what t
   const v = loadedBy(['--version'], t);
   assert.equal(v.stdout, `${PKG.version}\n`);
   assert.deepEqual([...v.packages], [], '--version loads no package (not even commander)');
-  for (const args of [['--help'], ['check', 'nbd4095']]) {
+  for (const args of [['--help'], ['check', 'nbd4095'], ['detach', 'nbd4095']]) {
     const l = loadedBy(args, t);
     assert.ok(l.packages.has('commander'), 'the probe sees packages');
-    for (const heavy of ['tls', '_tls_wrap', 'worker_threads', 'crypto']) assert.ok(!l.builtins.has(heavy), `${args.join(' ')} loads node:${heavy}`);
-    for (const heavy of ['koffi', 'debug']) assert.ok(!l.packages.has(heavy), `${args.join(' ')} loads ${heavy}`);
+    const heavy = ['tls', '_tls_wrap', 'worker_threads', 'tty', ...(args[0] === 'detach' ? [] : ['crypto'])];
+    for (const b of heavy) assert.ok(!l.builtins.has(b), `${args.join(' ')} loads node:${b}`);
+    // debug (and ms, node:tty) only with DEBUG set (src/debug.ts); koffi only for a syscall.
+    for (const p of ['koffi', 'debug', 'ms']) assert.ok(!l.packages.has(p), `${args.join(' ')} loads ${p}`);
   }
-  // And the probe can see them: `list` loads the client (debug) but TLS only when asked for.
+  // And the probe can see them: `list` loads the client but TLS only when asked for, and debug
+  // only with DEBUG set.
   const list = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t);
-  assert.ok(list.packages.has('debug'), 'list loads the client (debug)');
+  assert.ok(!list.packages.has('debug') && !list.builtins.has('tty'), 'list without DEBUG loads no debug');
   assert.ok(!list.builtins.has('tls'), 'a plain list does not load node:tls');
+  const debugList = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t, { DEBUG: 'nbd:*' });
+  assert.ok(debugList.packages.has('debug'), 'list with DEBUG=nbd:* loads debug');
   const listTls = loadedBy(['list', '-x', '--no-tls-verify', '127.0.0.1:1', '--connect-timeout', '1'], t);
   assert.ok(listTls.builtins.has('tls'), 'list -x loads node:tls');
 });
