@@ -5,11 +5,13 @@
 // A record that is not application data (a KeyUpdate, an alert) makes the driver's recvmsg fail,
 // which the kernel reports as a dead link, like any other broken connection.
 
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import type net from 'node:net';
 import createDebug from 'debug';
 import { NbdError } from '../errors.ts';
 import type { KernelTlsParams } from '../client/ktls.ts';
-import { cryptoInfo } from '../client/ktls-keys.ts';
+import { type AeadName, cryptoInfo } from '../client/ktls-keys.ts';
 import * as libc from '../../native-bindings/libc.ts';
 import { SOL_TLS, TCP_ULP, TLS_RX, TLS_TX } from './constants.ts';
 import { IPPROTO_TCP } from './constants.ts';
@@ -28,6 +30,57 @@ function refusal(step: string, params: KernelTlsParams, e: unknown): NbdError {
 }
 
 /**
+ * The crypto API primitives under each AEAD as the kernel builds it for TLS (net/tls/tls_sw.c
+ * allocates "gcm(aes)" or "rfc7539(chacha20,poly1305)"; crypto/gcm.c instantiates gcm(aes) from
+ * ctr(aes) and ghash, crypto/chacha20poly1305.c from chacha20 and poly1305).
+ */
+const PRIMITIVES: Record<AeadName, readonly string[]> = {
+  'aes-128-gcm': ['aes', 'ghash'],
+  'aes-256-gcm': ['aes', 'ghash'],
+  'chacha20-poly1305': ['chacha20', 'poly1305'],
+};
+const asked = new Set<string>();
+
+/**
+ * The primitives of `aead` that /proc/crypto (its text) offers only as the portable C driver
+ * ("aes-generic", "ghash-generic", …) or not at all: the module aliases worth asking for.
+ */
+export function slowPrimitives(aead: AeadName, procCrypto: string): string[] {
+  const fast = new Set<string>();
+  for (const block of procCrypto.split(/\n\s*\n/)) {
+    const name = /^name\s*:\s*(\S+)/m.exec(block)?.[1];
+    const driver = /^driver\s*:\s*(\S+)/m.exec(block)?.[1];
+    if (name && driver && !driver.endsWith('-generic')) fast.add(name);
+  }
+  return PRIMITIVES[aead].filter((n) => !fast.has(n));
+}
+
+/**
+ * Ask modprobe, once per process, for the CPU's implementations of the suite's primitives when only
+ * the generic C ones are registered. The kernel's own request_module ("crypto-NAME") happens only
+ * for a name nothing provides yet, and Debian's kernel has the generic AES built in: without udev's
+ * CPU-feature coldplug (an initramfs without it, a VM, a container's host), TLS would run on
+ * table-driven AES and bytewise GHASH although the CPU has AES-NI and PCLMULQDQ (measured in
+ * docs/decisions.md, "Kernel TLS: the CPU's ciphers"). modprobe of the alias loads every module
+ * that provides it (aesni_intel, ghash_clmulni_intel on x86; aes_ce_cipher, ghash_ce on arm64);
+ * the crypto API then prefers the higher-priority driver. Failure changes nothing but speed.
+ */
+export function requestFastCiphers(aead: AeadName, procCrypto = '/proc/crypto'): void {
+  const names = PRIMITIVES[aead];
+  if (names.every((n) => asked.has(n))) return;
+  let missing: string[];
+  try {
+    missing = slowPrimitives(aead, readFileSync(procCrypto, 'latin1')).filter((n) => !asked.has(n));
+  } catch {
+    return;
+  }
+  for (const n of names) asked.add(n);
+  if (missing.length === 0) return;
+  const r = spawnSync('modprobe', ['-q', '-a', ...missing.map((n) => `crypto-${n}`)], { stdio: 'ignore', timeout: 10_000 });
+  debug('modprobe -a %s: %s', missing.map((n) => `crypto-${n}`).join(' '), r.error ? r.error.message : `exit ${r.status}`);
+}
+
+/**
  * Install kernel TLS on the TCP socket of `params` (src/client/ktls.ts kernelTlsHandoff). Throws
  * NbdError NBD_E_KERNEL_TLS when the kernel cannot: the socket is then unusable (the caller
  * closes it and connects again through the relay).
@@ -35,6 +88,7 @@ function refusal(step: string, params: KernelTlsParams, e: unknown): NbdError {
 export function installKernelTls(socket: net.Socket, params: KernelTlsParams): void {
   const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) throw new NbdError('NBD_E_KERNEL_HANDOFF', 'attach: the server connection closed before kernel TLS was set up: try again');
+  requestFastCiphers(params.suite.aead);
   const steps: [string, () => void][] = [
     ['TCP_ULP', () => libc.setsockopt(fd, IPPROTO_TCP, TCP_ULP, Buffer.from('tls', 'latin1'), 'TCP_ULP "tls"')],
     ['TLS_TX', () => libc.setsockopt(fd, SOL_TLS, TLS_TX, cryptoInfo(params.suite, params.tx.keys, params.tx.seq), 'SOL_TLS TLS_TX')],
