@@ -102,7 +102,7 @@ function startFio(dev: string, runtimeS: number): Promise<RunResult> {
     'fio',
     [
       '--name=ktls', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', '--iodepth=4', '--bs=4k', '--rw=randwrite',
-      '--size=16M', '--verify=crc32c', '--verify_backlog=64', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
+      '--size=16M', '--verify=crc32c', '--verify_backlog=8', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
     ],
     { timeoutMs: (runtimeS + 240) * 1000 },
   );
@@ -136,7 +136,7 @@ test('tls.ko missing: the attach falls back to the relay, says why once, status 
   const server = await startNbdkit(['--tls=require', `--tls-certificates=${pkiDir}`, 'file', disk]);
   try {
     assert.notEqual((await run('modprobe', ['tls'])).code, 0, 'modprobe tls fails while the module is refused');
-    const a = await attach([`nbds://127.0.0.1:${server.port}/?tls-certificates=${pkiDir}`], '/dev/nbd1');
+    const a = await attach(['--connect-timeout', '120', `nbds://127.0.0.1:${server.port}/?tls-certificates=${pkiDir}`], '/dev/nbd1');
     assert.match(a.line, /^\/dev\/nbd1 attached: 64 MiB .* over TLS \(relay: kernel TLS: this kernel has no TLS module \(tls\.ko; CONFIG_TLS\): load it with modprobe tls\)/);
     assert.equal(a.line.match(/no TLS module/g)?.length, 1, `said once by the attach:\n${a.line}`);
     assert.ok(!existsSync('/sys/module/tls'), 'tls.ko was not loaded');
@@ -298,8 +298,8 @@ async function keyUpdateRelay(to: number, keylogFile: string): Promise<KeyUpdate
           injected++;
           // The KeyUpdate is sealed under the current key at the next number; everything after it
           // under application_traffic_secret_1 = HKDF-Expand-Label(secret_0, "traffic upd", "", Hash.length).
+          // (`seq` stays the server's own count: its record `seq` is re-sealed below as record 0 under the new key.)
           c.write(sealRecord(suite, keys!, seq, ContentType.HANDSHAKE, KEY_UPDATE));
-          seq++;
           const next = hkdfExpandLabel(suite.hash, secret!, 'traffic upd', Buffer.alloc(0), HASH_LENGTH[suite.hash]);
           updated = { keys: tls13Keys(suite, next), seq: 0n };
         }
@@ -352,20 +352,22 @@ test('a real TLS 1.3 KeyUpdate from the server after the handoff: dead link, rec
   });
   const relay = await keyUpdateRelay(server.port, keylog);
   try {
-    const a = await attach([`nbds://127.0.0.1:${relay.port}/kdisk?tls-certificates=${pkiDir}`], '/dev/nbd2');
+    // A generous handshake deadline: a TLS handshake with Node on both ends is slow under emulation.
+    const a = await attach(['--connect-timeout', '120', `nbds://127.0.0.1:${relay.port}/kdisk?tls-certificates=${pkiDir}`], '/dev/nbd2');
     assert.match(a.line, /over TLS \(kernel TLS\)/);
-    const fio = startFio('/dev/nbd2', 20);
+    const fio = startFio('/dev/nbd2', 30);
     const w0 = writesCompleted(2);
-    await waitFor(() => writesCompleted(2) > w0 + 100 && relay.checked() > 50, 120_000, { what: 'fio writing, server records counted' });
+    await waitFor(() => writesCompleted(2) > w0 + 20 && relay.checked() > 20, 120_000, { what: 'fio writing, server records counted' });
     relay.inject();
     await waitFor(() => relay.injected() === 1 && /reconnected after/.test(readFileSync(a.log, 'utf8')), 120_000, { what: 'reconnect after the KeyUpdate' }).catch((e: Error) => {
       throw new Error(`${e.message}\nrelay: ${relay.problems.join('; ')}\n${readFileSync(a.log, 'utf8')}`);
     });
     assertFioClean(await fio, 'KeyUpdate after the handoff');
     assert.deepEqual(relay.problems, [], 'every server record opened at its number under the traffic secret the relay followed');
-    assert.ok(relay.checked() > 50, `the relay followed the server's record numbers (${relay.checked()} records)`);
+    assert.ok(relay.checked() > 20, `the relay followed the server's record numbers (${relay.checked()} records)`);
     console.log(`# KeyUpdate: ${relay.checked()} server records checked, ${relay.resealed()} re-sealed under the updated key before the link was dropped`);
     assert.equal(unixSockets(a.pid), 0, 'the replacement connection is kernel TLS again');
+    await roundTrip('/dev/nbd2', disk); // and data goes both ways over it
     const log = readFileSync(a.log, 'utf8');
     assert.doesNotMatch(log, /relay:/, 'no fallback to the relay for a dead link');
     await detach('/dev/nbd2', a.pid);
