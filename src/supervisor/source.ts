@@ -69,7 +69,7 @@ export function remoteSource(target: Target, exportName: string, noOptGo: boolea
     if (c.relayReason !== undefined) useRelay(c.relayReason);
     if (c.ktls) {
       try {
-        await installKernelTls(c.socket, c.ktls);
+        installKernelTls(c.socket, c.ktls);
         tlsPath = 'kernel';
       } catch (e) {
         c.socket.destroy();
