@@ -22,6 +22,8 @@ function refusal(step: string, params: KernelTlsParams, e: unknown): NbdError {
   let why: string;
   if (step === 'TCP_ULP' && code === 'ENOENT') why = 'this kernel has no TLS module (tls.ko; CONFIG_TLS): load it with modprobe tls';
   else if (step === 'TCP_ULP') why = `cannot attach the tls protocol to the socket: ${(e as Error).message}`;
+  // crypto/api.c: an algorithm that failed its self-test is looked up as ELIBBAD.
+  else if (code === 'ELIBBAD') why = `the kernel's ${params.description} cipher failed its self-test (see dmesg)`;
   else if (code === 'EINVAL' || code === 'ENOPROTOOPT' || code === 'EOPNOTSUPP' || code === 'ENOENT') why = `this kernel's TLS cannot carry ${params.description} (${code})`;
   else why = `${step}: ${(e as Error).message}`;
   return new NbdError('NBD_E_KERNEL_TLS', `kernel TLS: ${why}`, { cause: e });
