@@ -32,8 +32,8 @@ export type FioRun = Promise<RunResult> & {
   stopAfterWrites(index: number, more?: number): Promise<RunResult>;
 };
 
-/** fio writing and verifying `dev` for at most `runtimeS` seconds. */
-export function startFio(dev: string, runtimeS: number, name = 'kernel-test'): FioRun {
+/** fio writing and verifying `dev` for at most `runtimeS` seconds, checking every `verifyBacklog` writes. */
+export function startFio(dev: string, runtimeS: number, name = 'kernel-test', verifyBacklog = 64): FioRun {
   let child: ChildProcess | undefined;
   let finished = false;
   let stoppedByUs = false;
@@ -41,7 +41,7 @@ export function startFio(dev: string, runtimeS: number, name = 'kernel-test'): F
     'fio',
     [
       `--name=${name}`, `--filename=${dev}`, '--ioengine=libaio', '--direct=1', '--iodepth=4', '--bs=4k', '--rw=randwrite',
-      '--size=16M', '--verify=crc32c', '--verify_backlog=64', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
+      '--size=16M', '--verify=crc32c', `--verify_backlog=${verifyBacklog}`, '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
     ],
     { timeoutMs: (runtimeS + 240) * 1000, onSpawn: (c) => (child = c) },
   ).then((r) => {

@@ -34,6 +34,7 @@ import {
   suiteFor,
   tls13Keys,
 } from '../../src/client/ktls-keys.ts';
+import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
 
 requireGuest();
 
@@ -70,9 +71,6 @@ function unixSockets(pid: number): number {
   return unix.filter((i) => i !== undefined && inodes.has(i)).length;
 }
 
-function writesCompleted(index: number): number {
-  return Number(readFileSync(`/sys/block/nbd${index}/stat`, 'utf8').trim().split(/\s+/)[4]);
-}
 
 async function attach(args: readonly string[], dev: string): Promise<{ pid: number; log: string; line: string }> {
   const a = await cli([...args, dev]);
@@ -95,28 +93,6 @@ async function roundTrip(dev: string, serverFile: string): Promise<void> {
   const back = await run('sh', ['-c', `dd if=${dev} bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
   assert.equal(back.stdout.split(' ')[0], await sha256(pattern), `${dev} reads back what was written`);
   assert.equal(await sha256(serverFile, 4 << 20), await sha256(pattern), "the server's file holds what was written");
-}
-
-function startFio(dev: string, runtimeS: number): Promise<RunResult> {
-  return run(
-    'fio',
-    [
-      '--name=ktls', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', '--iodepth=4', '--bs=4k', '--rw=randwrite',
-      '--size=16M', '--verify=crc32c', '--verify_backlog=8', '--time_based', `--runtime=${runtimeS}`, '--output-format=json',
-    ],
-    { timeoutMs: (runtimeS + 240) * 1000 },
-  );
-}
-
-function assertFioClean(r: RunResult, what: string): void {
-  assert.equal(r.timedOut, false, `${what}: fio hung`);
-  const i = r.stdout.indexOf('{');
-  assert.ok(i >= 0, `${what}: fio printed no JSON (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
-  const job = (JSON.parse(r.stdout.slice(i)) as { jobs: { error: number; write: { total_ios: number }; read: { total_ios: number } }[] }).jobs[0]!;
-  assert.equal(r.code, 0, `${what}: fio failed (exit ${r.code}): ${r.stderr}`);
-  assert.equal(job.error, 0, `${what}: fio reported error ${job.error}`);
-  assert.ok(job.write.total_ios > 0 && job.read.total_ios > 0, `${what}: fio wrote ${job.write.total_ios} and verified ${job.read.total_ios}`);
-  console.log(`# ${what}: fio ${job.write.total_ios} writes, ${job.read.total_ios} verify reads, 0 errors`);
 }
 
 const NO_TLS_CONF = '/run/modprobe.d/nbd-attach-test-no-tls.conf';
@@ -355,14 +331,14 @@ test('a real TLS 1.3 KeyUpdate from the server after the handoff: dead link, rec
     // A generous handshake deadline: a TLS handshake with Node on both ends is slow under emulation.
     const a = await attach(['--connect-timeout', '120', `nbds://127.0.0.1:${relay.port}/kdisk?tls-certificates=${pkiDir}`], '/dev/nbd2');
     assert.match(a.line, /over TLS \(kernel TLS\)/);
-    const fio = startFio('/dev/nbd2', 30);
+    const fio = startFio('/dev/nbd2', FIO_CAP_S, 'ktls', 8);
     const w0 = writesCompleted(2);
     await waitFor(() => writesCompleted(2) > w0 + 20 && relay.checked() > 20, 120_000, { what: 'fio writing, server records counted' });
     relay.inject();
     await waitFor(() => relay.injected() === 1 && /reconnected after/.test(readFileSync(a.log, 'utf8')), 120_000, { what: 'reconnect after the KeyUpdate' }).catch((e: Error) => {
       throw new Error(`${e.message}\nrelay: ${relay.problems.join('; ')}\n${readFileSync(a.log, 'utf8')}`);
     });
-    assertFioClean(await fio, 'KeyUpdate after the handoff');
+    assertFioClean(await fio.stopAfterWrites(2, 100), 'KeyUpdate after the handoff');
     assert.deepEqual(relay.problems, [], 'every server record opened at its number under the traffic secret the relay followed');
     assert.ok(relay.checked() > 20, `the relay followed the server's record numbers (${relay.checked()} records)`);
     console.log(`# KeyUpdate: ${relay.checked()} server records checked, ${relay.resealed()} re-sealed under the updated key before the link was dropped`);
