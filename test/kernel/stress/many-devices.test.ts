@@ -283,7 +283,7 @@ test('16 devices attached at once, I/O on all while four servers restart, detach
     const d = await cli(['detach', ...PLAN.map((_, i) => `/dev/nbd${i}`)], { timeoutMs: 600_000 });
     assert.equal(d.code, 0, show(d));
     assert.equal(d.stdout.trim().split('\n').length, N, `one "detached" line per device: ${d.stdout}`);
-    const exits = await Promise.race([Promise.all(sups.map((sup) => sup.exit)), delay(300_000).then(() => undefined)]);
+    const exits = await Promise.race([Promise.all(sups.map((sup) => sup.exit)), delay(300_000, undefined, { ref: false }).then(() => undefined)]);
     assert.ok(exits, `every supervisor exits after the detach; still running: ${pids.filter(alive).join(' ')}`);
     exits.forEach((e, i) => assert.deepEqual(e, { code: 0, signal: null }, `nbd${i}'s supervisor exit:\n${sups[i]!.out()}`));
     phase('detached, supervisors gone');
