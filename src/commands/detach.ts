@@ -2,7 +2,7 @@
 // DISCONNECT + CLEAR_SOCK with -L or when the kernel has no netlink family.
 
 import type { Command } from 'commander';
-import { markDetachRequested, pidAlive, readState } from '../supervisor/state.ts';
+import { clearDetachRequested, markDetachRequested, pidAlive, readState } from '../supervisor/state.ts';
 
 /** How long `detach` waits for the device's supervisor to finish (flush a local image, exit). */
 const SUPERVISOR_EXIT_WAIT_MS = 15_000;
@@ -10,18 +10,20 @@ const SUPERVISOR_EXIT_WAIT_MS = 15_000;
 /**
  * After the kernel let go, wait (bounded) for the supervisor of the device to exit, so that when
  * `nbd-attach -d` returns a local image (`--file`) is flushed and closed and nothing is left running.
+ * Returns false when it is still running at the deadline.
  */
-async function waitForSupervisor(index: number, device: string): Promise<void> {
+async function waitForSupervisor(index: number, device: string): Promise<boolean> {
   const s = readState(index);
-  if (!s || s.pid === process.pid || !pidAlive(s.pid)) return;
+  if (!s || s.pid === process.pid || !pidAlive(s.pid)) return true;
   const deadline = Date.now() + SUPERVISOR_EXIT_WAIT_MS;
   while (pidAlive(s.pid)) {
     if (Date.now() >= deadline) {
       process.stderr.write(`nbd-attach: note: ${device} is detached, but its supervisor (pid ${s.pid}) has not exited yet; see ${s.logFile ?? 'its log'}\n`);
-      return;
+      return false;
     }
     await new Promise((r) => setTimeout(r, 50));
   }
+  return true;
 }
 
 export function register(program: Command): void {
@@ -43,7 +45,9 @@ export function register(program: Command): void {
           notice: (m) => process.stderr.write(`nbd-attach: note: ${m}\n`),
         });
         if (r.wasAttached) {
-          await waitForSupervisor(r.index, r.device);
+          // The detach marker is for an ioctl-mode supervisor, which takes it as it exits; once no
+          // supervisor runs it has no reader left, so it goes (a netlink supervisor never reads it).
+          if (await waitForSupervisor(r.index, r.device)) clearDetachRequested(r.index);
           process.stdout.write(`${r.device} detached\n`);
         }
         else process.stderr.write(`nbd-attach: ${r.device} was not attached\n`);

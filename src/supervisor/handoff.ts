@@ -12,6 +12,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { NbdError } from '../errors.ts';
 import { CHILD_FLAG } from './reporter.ts';
+import { removeState } from './state.ts';
 
 export const HANDOFF_ENV = 'NBD_ATTACH_HANDOFF';
 
@@ -82,4 +83,22 @@ export function closeAll(fds: readonly number[]): void {
       /* already closed */
     }
   }
+}
+
+/**
+ * The supervisor started beside the attach command could not take over (it has nobody to report to).
+ * Its one line goes to the log the command named. When the device went before it started (detached
+ * at once: a Node start can take seconds), the state file the command wrote for it, naming this
+ * process, describes nothing: it is removed, so no stale state outlives the device. Any other failure
+ * leaves the state for `--reattach`.
+ */
+export function handoffFailed(handoff: Handoff, e: unknown): void {
+  const index = Number(/(\d+)$/.exec(handoff.device)?.[1] ?? NaN);
+  const message = e instanceof Error ? e.message : String(e);
+  try {
+    fs.writeSync(handoff.logFd, `${new Date().toISOString()} nbd${Number.isInteger(index) ? index : '?'}[${process.pid}]: supervisor not started: ${message}\n`);
+  } catch {
+    /* no log: the exit code still says it */
+  }
+  if (e instanceof NbdError && e.code === 'NBD_E_DEVICE_NOT_ATTACHED' && Number.isInteger(index)) removeState(index, process.pid);
 }

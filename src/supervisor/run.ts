@@ -17,7 +17,7 @@ import { attachNew } from './attach-new.ts';
 import { adopt } from './adopt.ts';
 import { ioctlLifeline } from './ioctl-lifeline.ts';
 import type { ServiceNotifier } from './resident.ts';
-import { HANDOFF_ENV, parseHandoff } from './handoff.ts';
+import { HANDOFF_ENV, handoffFailed, parseHandoff } from './handoff.ts';
 import { deviceState, parseDeviceName } from '../kernel/device.ts';
 
 export type { AttachSpec, SupervisedAttachOptions } from './spec.ts';
@@ -38,6 +38,7 @@ export async function runSupervisedAttach(spec: AttachSpec, opts: SupervisedAtta
         code = await adopt(handoff.device, undefined, opts, quiet, { mode: 'background', reconnectTimeout }, handoff);
       } catch (e) {
         debug('supervisor failed: %O', e);
+        handoffFailed(handoff, e);
         code = exitCodeOf(e);
       }
       process.exit(code);

@@ -142,6 +142,18 @@ export function markDetachRequested(index: number): void {
     /* read-only /run: the ioctl-mode attach then reconnects; SIGTERM still stops it */
   }
 }
+/**
+ * Remove the marker once nobody will read it: `detach` calls this after the device's supervisor has
+ * exited (or when there was none), since a netlink supervisor learns of the detach from the kernel
+ * and never reads the marker, and a device attached by another client has no reader at all.
+ */
+export function clearDetachRequested(index: number): void {
+  try {
+    fs.rmSync(detachMarker(index), { force: true });
+  } catch {
+    /* read-only /run: there is no marker either */
+  }
+}
 /** True (and the marker removed) when a detach was asked for in the last minute. */
 export function takeDetachRequested(index: number): boolean {
   try {

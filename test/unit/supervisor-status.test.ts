@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { formatStatus, statusJson, statusOf } from '../../src/commands/status.ts';
-import { type SupervisorState, parseProcStat, pidAlive, processIdentity, readState, removeState, stateFile, supervisorAlive, writeState } from '../../src/supervisor/state.ts';
+import { type SupervisorState, clearDetachRequested, markDetachRequested, parseProcStat, takeDetachRequested, pidAlive, processIdentity, readState, removeState, stateFile, supervisorAlive, writeState } from '../../src/supervisor/state.ts';
 
 let dir: string;
 let roots: { sys: string; dev: string; proc: string };
@@ -86,6 +86,19 @@ test('state files: atomic write, read back, removed only by their owner', () => 
   removeState(5, process.pid);
   assert.equal(readState(5), undefined);
   assert.deepEqual(fs.readdirSync(path.dirname(stateFile(5))).filter((f) => f.endsWith('.tmp')), []);
+});
+
+test('detach marker: taken once by its reader; cleared by detach when no supervisor is left to read it', () => {
+  const marker = path.join(process.env['NBD_ATTACH_RUN_DIR']!, 'nbd9.detach');
+  markDetachRequested(9);
+  assert.ok(fs.existsSync(marker));
+  assert.equal(takeDetachRequested(9), true);
+  assert.equal(fs.existsSync(marker), false, 'taken');
+  assert.equal(takeDetachRequested(9), false, 'only once');
+  markDetachRequested(9);
+  clearDetachRequested(9);
+  assert.equal(fs.existsSync(marker), false, 'a netlink supervisor never reads it: detach removes it');
+  clearDetachRequested(9); // none left: no error
 });
 
 test('a TLS device: shown as such; without its supervisor, says that I/O waits for --reattach; settings read back', () => {
