@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-# The whole kernel suite takes ~20 min under software emulation; the VM gets 30 min at most.
-VM_ARGS=(--timeout 1800)
+# The whole kernel suite takes ~22 min under software emulation; the VM gets 40 min at most.
+VM_ARGS=(--timeout 2400)
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout|--mem) VM_ARGS+=("$1" "${2:?$1 needs a value}"); shift 2 ;;

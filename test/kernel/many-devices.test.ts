@@ -1,4 +1,4 @@
-// Many devices at once, nothing leaked (run in the VM: test/kernel/run.sh --timeout 1800 test/kernel/stress/many-devices.test.ts).
+// Many devices at once, nothing leaked (run in the VM: test/kernel/run.sh --timeout 1800 test/kernel/many-devices.test.ts).
 // The nbd module is loaded with nbds_max=16 (its default, drivers/block/nbd.c `static int nbds_max = 16`),
 // and every one of /dev/nbd0..15 is used:
 //  - 16 servers on loopback, one per device, of three kinds: nbdkit (memory and file), our `serve`
@@ -10,9 +10,9 @@
 //  - before and after, the same count of: processes whose argv names nbd-attach, descriptors of this
 //    test process, TCP connections to the servers' ports, unix and netlink sockets, files in the run
 //    directory (NBD_ATTACH_RUN_DIR, a fresh one), flocks, and attached devices in sysfs.
-// Not in the default kernel suite (test/kernel/run.sh runs test/kernel/*.test.ts only): it takes
-// ~200 s on an idle host (16 Node supervisors start in ~80 s on two emulated CPUs) and failed under
-// a host loaded by four VMs (see docs/decisions.md). Passed 2026-12-01 on an idle host in 198 s.
+// It takes ~200 s on an idle host (16 Node supervisors start in ~80 s on two emulated CPUs) and
+// failed under a host loaded by four VMs (see docs/decisions.md); passed 2026-12-01 on an idle host
+// in 198 s.
 // What the design keeps after a clean detach: nbdN.lock (src/supervisor/lock.ts: the file stays, the
 // flock goes with its holder). No state file, no detach marker.
 
@@ -20,9 +20,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { run, sha256, startNbdkit, startOurServer, startQemuNbd, tmpDir, tmpFile, waitFor, type ServerHandle } from '../lib.ts';
-import { killAndRestart } from '../../lib/servers.ts';
-import { cli, kernelSuite, show, startSupervised, type Sup } from '../attach-common.ts';
+import { run, sha256, startNbdkit, startOurServer, startQemuNbd, tmpDir, tmpFile, waitFor, type ServerHandle } from './lib.ts';
+import { killAndRestart } from '../lib/servers.ts';
+import { cli, kernelSuite, show, startSupervised, type Sup } from './attach-common.ts';
 import { setTimeout as delay } from 'node:timers/promises';
 
 const N = 16;
