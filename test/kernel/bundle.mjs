@@ -39,6 +39,7 @@ await esbuild.build({
   logLevel: 'warning',
 });
 const here = path.join(ROOT, 'test/kernel');
-for (const name of fs.readdirSync(here)) {
-  if (!name.endsWith('.ts') && name !== 'run.sh' && name !== 'bundle.mjs') fs.copyFileSync(path.join(here, name), path.join(out, name));
+for (const entry of fs.readdirSync(here, { withFileTypes: true })) {
+  const name = entry.name;
+  if (entry.isFile() && !name.endsWith('.ts') && name !== 'run.sh' && name !== 'bundle.mjs') fs.copyFileSync(path.join(here, name), path.join(out, name));
 }

@@ -19,7 +19,7 @@ import { existsSync, readFileSync, readdirSync, readlinkSync, rmSync, mkdirSync,
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanup, loadModule, loadNbd, requireGuest, run, type RunResult, sha256, startNbdkit, tmpDir, tmpFile, waitFor } from './lib.ts';
+import { cleanup, loadModule, loadNbd, requireGuest, run, type RunResult, sha256, startNbdkit, tmpDir, tmpFile, waitFor, pidAlive } from './lib.ts';
 import { CLI_ARGS, makePki, startServer } from '../lib/servers.ts';
 import {
   ContentType,
@@ -47,13 +47,6 @@ function cli(args: readonly string[], timeoutMs = 300_000): Promise<RunResult> {
   return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    return !/^\d+ \(.*\) [ZX] /s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-}
 
 /** How many AF_UNIX sockets a process holds besides its stdio (the relay's socketpair is two of them). */
 function unixSockets(pid: number): number {

@@ -31,6 +31,7 @@ import {
   tmpDir,
   tmpFile,
   waitFor,
+  pidAlive,
 } from './lib.ts';
 import net from 'node:net';
 import { makePki } from '../lib/servers.ts';
@@ -84,13 +85,6 @@ function unixSockets(pid: number): number {
   return unix.filter((i) => i !== undefined && inodes.has(i)).length;
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    return !/^\d+ \(.*\) [ZX] /s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-}
 
 /** Attach in the background; returns the supervisor's pid and log file. */
 async function attach(args: readonly string[], dev: string): Promise<{ pid: number; log: string; line: string }> {

@@ -347,3 +347,12 @@ export async function cleanup(): Promise<void> {
     tmpRoot = undefined;
   }
 }
+
+/** Whether a process lives (a zombie or a dead task counts as gone: /proc/PID/stat state Z or X). */
+export function pidAlive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) [ZX] /s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}

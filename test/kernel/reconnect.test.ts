@@ -31,6 +31,7 @@ import {
   tmpDir,
   tmpFile,
   waitFor,
+  pidAlive,
 } from './lib.ts';
 import { CLI_ARGS, makePki } from '../lib/servers.ts';
 import { socketTuning, tuneSocket } from '../../src/supervisor/kernel-ops.ts';
@@ -50,13 +51,6 @@ function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
 }
 
 
-function pidAlive(pid: number): boolean {
-  try {
-    return !/^\d+ \(.*\) [ZX] /s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-}
 
 /** One direct 4 KiB read; resolves with its duration in ms (rejects on error). */
 async function probeRead(dev: string, timeoutMs = 120_000): Promise<number> {
