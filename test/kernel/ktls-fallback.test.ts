@@ -35,6 +35,7 @@ import {
   tls13Keys,
 } from '../../src/client/ktls-keys.ts';
 import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
+import { attach, cli, detach, roundTrip, unixSockets } from './ktls-common.ts';
 
 requireGuest();
 
@@ -42,51 +43,6 @@ const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const DISK = 64 << 20;
 
 after(cleanup);
-
-function cli(args: readonly string[], timeoutMs = 300_000): Promise<RunResult> {
-  return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
-}
-
-
-/** How many AF_UNIX sockets a process holds besides its stdio (the relay's socketpair is two of them). */
-function unixSockets(pid: number): number {
-  const inodes = new Set<string>();
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    if (Number(fd) <= 2) continue;
-    try {
-      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-      if (m) inodes.add(m[1]!);
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  const unix = readFileSync('/proc/net/unix', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)[6]);
-  return unix.filter((i) => i !== undefined && inodes.has(i)).length;
-}
-
-
-async function attach(args: readonly string[], dev: string): Promise<{ pid: number; log: string; line: string }> {
-  const a = await cli([...args, dev]);
-  assert.equal(a.code, 0, `${a.stdout}${a.stderr}`);
-  const m = /supervisor pid (\d+), log (\S+)\n$/.exec(a.stdout);
-  assert.ok(m, a.stdout);
-  return { pid: Number(m[1]), log: m[2]!, line: a.stdout + a.stderr };
-}
-
-async function detach(dev: string, pid: number): Promise<void> {
-  const d = await cli(['-d', dev]);
-  assert.equal(d.code, 0, d.stderr);
-  await waitFor(() => !pidAlive(pid), 30_000, { what: `supervisor exit after -d ${dev}` });
-}
-
-async function roundTrip(dev: string, serverFile: string): Promise<void> {
-  const pattern = await tmpFile(4 << 20, { random: true, name: `pattern-${path.basename(dev)}` });
-  const dd = await run('dd', [`if=${pattern}`, `of=${dev}`, 'bs=1M', 'oflag=direct', 'status=none'], { timeoutMs: 120_000 });
-  assert.equal(dd.code, 0, dd.stderr);
-  const back = await run('sh', ['-c', `dd if=${dev} bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
-  assert.equal(back.stdout.split(' ')[0], await sha256(pattern), `${dev} reads back what was written`);
-  assert.equal(await sha256(serverFile, 4 << 20), await sha256(pattern), "the server's file holds what was written");
-}
 
 const NO_TLS_CONF = '/run/modprobe.d/nbd-attach-test-no-tls.conf';
 

@@ -38,6 +38,7 @@ import { makePki } from '../lib/servers.ts';
 import { ContentType, RecordSplitter } from '../../src/client/ktls-keys.ts';
 import { startForeground } from './attach-common.ts';
 import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
+import { attach, cli, detach, roundTrip, unixSockets } from './ktls-common.ts';
 import { CLI_ARGS } from '../lib/servers.ts';
 
 requireGuest();
@@ -54,10 +55,6 @@ async function pki(): Promise<string> {
   return (pkiDir ??= makePki(await tmpDir('pki-'), { ec: true }));
 }
 
-function cli(args: readonly string[], timeoutMs = CLI_MS): Promise<RunResult> {
-  return run(process.execPath, [...CLI_ARGS, ...args], { cwd: REPO, timeoutMs });
-}
-
 /** /proc/net/tls_stat as numbers (the file appears with tls.ko). */
 function tlsStat(): Record<string, number> {
   if (!existsSync('/proc/net/tls_stat')) return {};
@@ -67,48 +64,6 @@ function tlsStat(): Record<string, number> {
     if (k && v) out[k] = Number(v);
   }
   return out;
-}
-
-/** How many AF_UNIX sockets a process holds besides its stdio (the relay's socketpair is two of them). */
-function unixSockets(pid: number): number {
-  const inodes = new Set<string>();
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    if (Number(fd) <= 2) continue; // stdio: a test's spawn() gives pipes as socketpairs
-    try {
-      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-      if (m) inodes.add(m[1]!);
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  const unix = readFileSync('/proc/net/unix', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)[6]);
-  return unix.filter((i) => i !== undefined && inodes.has(i)).length;
-}
-
-
-/** Attach in the background; returns the supervisor's pid and log file. */
-async function attach(args: readonly string[], dev: string): Promise<{ pid: number; log: string; line: string }> {
-  const a = await cli([...args, dev]);
-  assert.equal(a.code, 0, `${a.stdout}${a.stderr}`);
-  const m = /supervisor pid (\d+), log (\S+)\n$/.exec(a.stdout);
-  assert.ok(m, a.stdout);
-  return { pid: Number(m[1]), log: m[2]!, line: a.stdout };
-}
-
-async function detach(dev: string, pid: number): Promise<void> {
-  const d = await cli(['-d', dev]);
-  assert.equal(d.code, 0, d.stderr);
-  await waitFor(() => !pidAlive(pid), 30_000, { what: `supervisor exit after -d ${dev}` });
-}
-
-/** Write 4 MiB of random data through the device, read it back; the server's file holds it (when given). */
-async function roundTrip(dev: string, serverFile?: string): Promise<void> {
-  const pattern = await tmpFile(4 << 20, { random: true, name: `pattern-${path.basename(dev)}` });
-  const dd = await run('dd', [`if=${pattern}`, `of=${dev}`, 'bs=1M', 'oflag=direct', 'status=none'], { timeoutMs: 120_000 });
-  assert.equal(dd.code, 0, dd.stderr);
-  const back = await run('sh', ['-c', `dd if=${dev} bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
-  assert.equal(back.stdout.split(' ')[0], await sha256(pattern), `${dev} reads back what was written`);
-  if (serverFile) assert.equal(await sha256(serverFile, 4 << 20), await sha256(pattern), "the server's file holds what was written through kernel TLS");
 }
 
 test('our serve --tls: kernel TLS both ways, no relay; mkfs/mount; supervisor SIGKILL and server restart under fio', { timeout: 1_500_000 }, async () => {
