@@ -174,7 +174,7 @@ test('nbdkit PSK (TLS 1.2) and nbd-server force_tls (client certificate): data t
   const ns = await startNbdServer(
     `[generic]\ncertfile = ${pkiDir}/server-cert.pem\nkeyfile = ${pkiDir}/server-key.pem\ncacertfile = ${pkiDir}/ca-cert.pem\nforce_tls = true\n[ndisk]\nexportname = ${img}\n`,
   );
-  const b = await attach(['-N', 'ndisk', '--tls-certificates', pkiDir, `127.0.0.1:${ns.port}`], '/dev/nbd4');
+  const b = await attach(['--connect-timeout', '60', '-N', 'ndisk', '--tls-certificates', pkiDir, `127.0.0.1:${ns.port}`], '/dev/nbd4');
   assert.match(b.line, /over TLS \(kernel TLS\)/);
   await roundTrip('/dev/nbd4', img);
   await detach('/dev/nbd4', b.pid);
