@@ -3,6 +3,7 @@
 // AF_UNIX sockets (the relay's socketpair; none with kernel TLS).
 import assert from 'node:assert/strict';
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import type net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CLI_ARGS } from '../lib/servers.ts';
@@ -55,4 +56,20 @@ export async function roundTrip(dev: string, serverFile?: string): Promise<void>
   const back = await run('sh', ['-c', `dd if=${dev} bs=1M count=4 iflag=direct status=none | sha256sum`], { timeoutMs: 120_000 });
   assert.equal(back.stdout.split(' ')[0], await sha256(pattern), `${dev} reads back what was written`);
   if (serverFile) assert.equal(await sha256(serverFile, 4 << 20), await sha256(pattern), "the server's file holds what was written through kernel TLS");
+}
+
+/** A test relay's two sockets end together: either one closing or failing destroys both. */
+export function tieEnds(a: net.Socket, b: net.Socket): void {
+  const end = (): void => {
+    a.destroy();
+    b.destroy();
+  };
+  a.on('close', end).on('error', end);
+  b.on('close', end).on('error', end);
+}
+
+/** Listen on an ephemeral loopback port; resolves with the port. */
+export async function listenLoopback(srv: net.Server): Promise<number> {
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  return (srv.address() as net.AddressInfo).port;
 }

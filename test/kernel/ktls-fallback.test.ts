@@ -35,7 +35,7 @@ import {
   tls13Keys,
 } from '../../src/client/ktls-keys.ts';
 import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
-import { attach, cli, detach, roundTrip, unixSockets } from './ktls-common.ts';
+import { attach, cli, detach, listenLoopback, roundTrip, tieEnds, unixSockets } from './ktls-common.ts';
 
 requireGuest();
 
@@ -241,16 +241,10 @@ async function keyUpdateRelay(to: number, keylogFile: string): Promise<KeyUpdate
         c.write(bytes);
       }
     });
-    const end = (): void => {
-      c.destroy();
-      s.destroy();
-    };
-    c.on('close', end).on('error', end);
-    s.on('close', end).on('error', end);
+    tieEnds(c, s);
   });
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
   return {
-    port: (srv.address() as net.AddressInfo).port,
+    port: await listenLoopback(srv),
     inject: () => (pending = true),
     injected: () => injected,
     checked: () => checked,

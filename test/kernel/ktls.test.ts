@@ -38,7 +38,7 @@ import { makePki } from '../lib/servers.ts';
 import { ContentType, RecordSplitter } from '../../src/client/ktls-keys.ts';
 import { startForeground } from './attach-common.ts';
 import { assertFioClean, FIO_CAP_S, startFio, writesCompleted } from './fio.ts';
-import { attach, cli, detach, roundTrip, unixSockets } from './ktls-common.ts';
+import { attach, cli, detach, listenLoopback, roundTrip, tieEnds, unixSockets } from './ktls-common.ts';
 import { CLI_ARGS } from '../lib/servers.ts';
 
 requireGuest();
@@ -255,16 +255,10 @@ async function recordProxy(to: number): Promise<{ port: number; inject(): void; 
         c.write(r.bytes);
       }
     });
-    const end = (): void => {
-      c.destroy();
-      s.destroy();
-    };
-    c.on('close', end).on('error', end);
-    s.on('close', end).on('error', end);
+    tieEnds(c, s);
   });
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
   return {
-    port: (srv.address() as net.AddressInfo).port,
+    port: await listenLoopback(srv),
     inject: () => (pending = true),
     injected: () => count,
     close: () => {
