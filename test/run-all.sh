@@ -7,6 +7,9 @@
 # 2. type check; 3. unit tests; 4. interop tests against real servers on loopback;
 # 5. kernel tests inside one qemu VM boot (test/kernel/run.sh); 6. real boots with the root on NBD
 #    (test/boot/: initramfs-tools and dracut initramfs images, each booted by qemu).
+# On a host with 2 or more CPUs and 6 GB of free memory, 5 and 6 run as two lanes at once: half of
+# the kernel test files in one VM; the other half in a second VM, then the boots (NBD_TEST_LANES=1:
+# one after the other). The lanes' output is printed once both have ended.
 # Prints one closing line "tests: N passed, N failed, N skipped" over all three runs; exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,12 +51,43 @@ run_suite() {
   fi
 }
 
+# The same, its output kept in the log and printed when it ends (for lanes running at once).
+run_suite_quiet() {
+  local name="$1"; shift
+  "$@" > "$LOGDIR/$name.out" 2>&1
+  echo $? > "$LOGDIR/$name.rc"
+}
+# Counts and prints a suite that run_suite_quiet ran.
+collect_suite() {
+  local name="$1"
+  run_suite "$name" sh -c 'cat "$1"; rc="$(cat "$2" 2>/dev/null)"; exit "${rc:-1}"' sh "$LOGDIR/$name.out" "$LOGDIR/$name.rc"
+}
+
 shopt -s nullglob
 run_suite unit node --import tsx --test --test-reporter=tap test/unit/*.test.ts
 run_suite interop node --import tsx --test --test-reporter=tap --test-concurrency=2 test/interop/*.test.ts
-run_suite kernel bash test/kernel/run.sh
 # Real boots of a diskless machine with its root on NBD (test/boot/: initramfs-tools, dracut).
-run_suite boot node --import tsx --test --test-reporter=tap --test-concurrency=1 test/boot/*.test.ts
+BOOT=(node --import tsx --test --test-reporter=tap --test-concurrency=1 test/boot/*.test.ts)
+lanes="${NBD_TEST_LANES:-}"
+if [ -z "$lanes" ]; then
+  mem_kb=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
+  if [ "$(nproc)" -ge 2 ] && [ "${mem_kb:-0}" -ge 6000000 ]; then lanes=2; else lanes=1; fi
+fi
+if [ "$lanes" -ge 2 ]; then
+  # The boots take ~250 s: the second lane gets that much less kernel work (test/kernel/run.sh --preload).
+  step "kernel tests in two VMs at once, the boots after the second (output once both lanes end)"
+  run_suite_quiet kernel-1 bash test/kernel/run.sh --shard 1/2 --preload 0,250 &
+  lane1=$!
+  { run_suite_quiet kernel-2 bash test/kernel/run.sh --shard 2/2 --preload 0,250; run_suite_quiet boot "${BOOT[@]}"; } &
+  lane2=$!
+  wait "$lane1" "$lane2"
+  collect_suite kernel-1
+  collect_suite kernel-2
+  collect_suite boot
+else
+  run_suite kernel bash test/kernel/run.sh
+  run_suite boot "${BOOT[@]}"
+fi
 
 echo
 # Skipped tests (e.g. no IPv6 loopback) are not passes: they are counted apart.
