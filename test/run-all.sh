@@ -5,7 +5,7 @@
 #
 # 1. system packages, the test kernel and its initramfs (test/vm/setup.sh; cached), npm packages;
 # 2. type check; 3. unit tests; 4. interop tests against real servers on loopback;
-# 5. kernel tests inside one qemu VM boot (test/kernel/run.sh); 6. real boots with the root on NBD
+# 5. kernel tests inside qemu VMs (test/kernel/run.sh); 6. real boots with the root on NBD
 #    (test/boot/: initramfs-tools and dracut initramfs images, each booted by qemu).
 # On a host with 2 or more CPUs and 6 GB of free memory, 5 and 6 run as two lanes at once: half of
 # the kernel test files in one VM; the other half in a second VM, then the boots (NBD_TEST_LANES=1:

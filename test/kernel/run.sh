@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-# The whole kernel suite takes ~22 min under software emulation; the VM gets 40 min at most.
+# The whole kernel suite takes ~26 min in one VM under software emulation; a VM gets 40 min at most.
 VM_ARGS=(--timeout 2400)
 SHARD=""
 PRELOAD=""
