@@ -91,8 +91,15 @@ test('the guest provides what kernel tests rely on', async () => {
 });
 
 test('server helpers: nbd-server, qemu-nbd and nbdkit listen, serve, die and restart', { timeout: 120_000 }, async () => {
-  const size = async (uri: string): Promise<number> =>
-    Number((await mustRun('nbdinfo', ['--size', uri], { timeoutMs: 30_000 })).stdout.trim());
+  const size = async (uri: string): Promise<number> => {
+    const r = await run('nbdinfo', ['--size', uri], { timeoutMs: 30_000 });
+    if (r.code !== 0) {
+      // Say who listened on the port, for the record of a failure.
+      const ss = await run('ss', ['-tlnpe']);
+      assert.fail(`nbdinfo --size ${uri}: ${r.timedOut ? 'timed out' : `exit ${r.code}`}: ${r.stderr}\n${ss.stdout}`);
+    }
+    return Number(r.stdout.trim());
+  };
 
   const img = await tmpFile(8 * MiB);
   const ns = await startNbdServer(`[disk]\nexportname = ${img}\n`);

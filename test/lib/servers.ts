@@ -5,7 +5,7 @@
 // VM (test/kernel/lib.ts re-exports it); plus the other helpers both kinds of test share.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -53,7 +53,13 @@ export function freePort(): Promise<number> {
 export function isListening(port: number, socketPath?: string): boolean {
   if (port === 0 && !socketPath) return false;
   if (socketPath) return existsSync(socketPath);
+  return listenerInodes(port).size > 0;
+}
+
+/** The inodes of the sockets listening on the TCP port (from /proc/net/tcp and tcp6). */
+function listenerInodes(port: number): Set<string> {
   const hex = port.toString(16).toUpperCase().padStart(4, '0');
+  const inodes = new Set<string>();
   for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
     let text = '';
     try {
@@ -61,11 +67,43 @@ export function isListening(port: number, socketPath?: string): boolean {
     } catch {
       continue;
     }
-    // columns: sl local_address rem_address st …; st 0A = LISTEN
+    // columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
     for (const line of text.split('\n').slice(1)) {
       const cols = line.trim().split(/\s+/);
-      if (cols[1]?.endsWith(`:${hex}`) && cols[3] === '0A') return true;
+      if (cols[1]?.endsWith(`:${hex}`) && cols[3] === '0A' && cols[9]) inodes.add(cols[9]);
     }
+  }
+  return inodes;
+}
+
+/**
+ * Whether one of `pids` (or a process they started) holds the socket listening on `port`: a port
+ * picked free can be taken by another test's server or client before ours binds it, and a test
+ * would then talk to a stranger.
+ */
+export function listenerHeldBy(port: number, pids: readonly number[]): boolean {
+  const inodes = listenerInodes(port);
+  const seen = new Set<number>();
+  const queue = pids.filter((p) => p > 0);
+  while (queue.length > 0) {
+    const pid = queue.shift() as number;
+    if (seen.has(pid)) continue;
+    seen.add(pid);
+    let fds: string[] = [];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      /* gone, or not ours to read */
+    }
+    for (const fd of fds) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
+        if (m && inodes.has(m[1] as string)) return true;
+      } catch {
+        /* closed meanwhile */
+      }
+    }
+    queue.push(...childrenOf(pid));
   }
   return false;
 }
@@ -227,6 +265,9 @@ class Server implements ServerHandle {
         { what: `${launch.name} listening on ${launch.socketPath ?? `127.0.0.1:${port}`}`, intervalMs: 25 },
       );
       this.pid = launch.mainPid ? await launch.mainPid() : (child.pid ?? -1);
+      if (!launch.socketPath && !listenerHeldBy(port, [this.pid, child.pid ?? -1])) {
+        throw new Error(`127.0.0.1:${port} is held by another process, not by the server started`);
+      }
     } catch (e) {
       child.kill('SIGKILL');
       throw new Error(`${launch.name} ${args.join(' ')}: ${(e as Error).message}\n${this.output}`);
