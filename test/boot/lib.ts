@@ -308,7 +308,7 @@ export async function dhcpNet(dir: string, rootPath: string): Promise<DhcpNet> {
         children.push(c);
       },
     };
-    net.spawnInside('busybox', ['udhcpd', '-f', conf]);
+    net.spawnInside('/bin/busybox', ['udhcpd', '-f', conf]);
     return net;
   } catch (e) {
     close();
