@@ -74,11 +74,11 @@ if [ -z "$lanes" ]; then
   if [ "$(nproc)" -ge 2 ] && [ "${mem_kb:-0}" -ge 6000000 ]; then lanes=2; else lanes=1; fi
 fi
 if [ "$lanes" -ge 2 ]; then
-  # The boots take ~250 s: the second lane gets that much less kernel work (test/kernel/run.sh --preload).
+  # The boots take ~350 s: the second lane gets that much less kernel work (test/kernel/run.sh --preload).
   step "kernel tests in two VMs at once, the boots after the second (output once both lanes end)"
-  run_suite_quiet kernel-1 bash test/kernel/run.sh --shard 1/2 --preload 0,250 &
+  run_suite_quiet kernel-1 bash test/kernel/run.sh --shard 1/2 --preload 0,350 &
   lane1=$!
-  { run_suite_quiet kernel-2 bash test/kernel/run.sh --shard 2/2 --preload 0,250; run_suite_quiet boot "${BOOT[@]}"; } &
+  { run_suite_quiet kernel-2 bash test/kernel/run.sh --shard 2/2 --preload 0,350; run_suite_quiet boot "${BOOT[@]}"; } &
   lane2=$!
   wait "$lane1" "$lane2"
   collect_suite kernel-1

@@ -2,7 +2,9 @@
 # /sbin/init of the boot tests' root image (test/boot/lib.ts buildRootImage): proves the root came
 # up over NBD, reports on the serial console with `BT:` lines the host reads, and powers off.
 # The kernel command line chooses what it does: bt.marker=TEXT (written to /marker), bt.writer=SECONDS
-# (write and verify files for that long while the host restarts the server).
+# (write and verify files for that long while the host restarts the server), bt.lib=DIR and
+# bt.node=FILE (the running system uses nbd-attach: DIR is /usr/lib/nbd-attach as the package lays
+# it out and FILE a node binary, both on the host, whose root the VM shares read-only over 9p).
 export PATH=/bin:/sbin
 [ -r /proc/uptime ] || mount -t proc proc /proc
 [ -d /sys/block ] || mount -t sysfs sys /sys
@@ -20,6 +22,33 @@ mount -o remount,rw / 2>/dev/null
 say "data-sha256=$(sha256sum /data | cut -d' ' -f1)"
 if [ -n "$marker" ]; then
   echo "$marker" > /marker && sync && say "marker-written=$marker"
+fi
+
+# The running system's view of the root device, as an administrator has it after an upgrade:
+# `nbd-attach status`; `--reattach` refused while the supervisor runs; the supervisor stopped
+# (SIGTERM: a busy device stays attached); `--reattach` adopts the root; `status` again. The writer
+# below then runs through a server restart with the adopted supervisor.
+lib="$(arg bt.lib)"
+if [ -n "$lib" ]; then
+  mkdir -p /host /usr
+  if mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose host /host && mount --bind /host/usr /usr; then
+    na() { "/host$(arg bt.node)" "/host$lib/nbd-attach.mjs" "$@"; }
+    sup_pid() { for p in /proc/[0-9]*; do case "$(tr '\0' '\n' < "$p/cmdline" 2>/dev/null | head -n1)" in @*) echo "${p#/proc/}";; esac; done; }
+    old="$(sup_pid)"
+    say "status-before $(na status 2>&1 | grep '^/dev/nbd0:' | tr ' ' '_') supervisor-before=$old"
+    na --reattach /dev/nbd0 > /tmp/reattach.out 2>&1; rc=$?
+    say "reattach-supervised-rc=$rc $(head -n1 /tmp/reattach.out | tr ' ' '_')"
+    kill -TERM "$old"
+    i=0; while [ -d "/proc/$old" ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
+    [ -d "/proc/$old" ] && say "supervisor-did-not-exit"
+    echo "after the supervisor stopped" > /after-stop && sync && say "root-written-unsupervised=$(cat /after-stop | wc -c)"
+    na --reattach /dev/nbd0 > /tmp/reattach.out 2>&1; rc=$?
+    say "reattach-rc=$rc $(head -n1 /tmp/reattach.out | tr ' ' '_')"
+    new="$(sup_pid)"
+    say "status-after $(na status 2>&1 | grep '^/dev/nbd0:' | tr ' ' '_') supervisor-after=$new argv0-after=$(tr '\0' '\n' < "/proc/$new/cmdline" | head -n1 | tr ' ' '_')"
+  else
+    say "host-mount-failed"
+  fi
 fi
 
 if [ -n "$writer" ]; then
@@ -55,6 +84,7 @@ done
 if [ -n "$(arg bt.debug)" ]; then ps -o pid,comm,args > /dev/console; cat /run/nbd-attach/nbd0.log > /dev/console; fi
 if [ -e /run/nbd-attach/nbd0.json ]; then
   say "state $(tr -d ' \n' < /run/nbd-attach/nbd0.json | sed 's/.*"pid":\([0-9]*\).*"reconnects":\([0-9]*\).*/state-pid=\1 reconnects=\2/')"
+  say "state-server $(tr -d ' \n' < /run/nbd-attach/nbd0.json | sed 's/.*"server":"\([^"]*\)".*/\1/')"
 fi
 grep -q 'switch_root: now in the real root' /run/nbd-attach/nbd0.log 2>/dev/null && say "followed-root=1"
 # What `nbd-attach boot` said when the root was ready (its attach line: size, TLS path…).

@@ -1,25 +1,29 @@
 // A diskless boot with initramfs-tools: Debian's stock kernel, an initramfs built by Debian's own
 // mkinitramfs with packaging/initramfs-tools installed, the root over NBD from a server on the
 // host's loopback (qemu user-mode network, restrict=on, guestfwd). Each boot kills and restarts the
-// server while the booted system writes and verifies files. Run as root: `sudo node --import tsx
+// server while the booted system writes and verifies files. In the first, the running system also
+// runs nbd-attach (the host's node and the staged /usr/lib/nbd-attach over a read-only 9p share):
+// `status`, `--reattach` refused and then, once the supervisor is stopped, adopting the root. Run as root: `sudo node --import tsx
 // --test test/boot/initramfs-tools.test.ts` (test/run-all.sh runs it as the "boot" suite).
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { realpathSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { startNbdkit, startOurServer, stopAllServers, tmpDir } from '../lib/servers.ts';
-import { GUEST_IP, GUEST_SERVER, boot, buildInitramfsTools, buildRootImage, fsckClean, readImageFile, setup, stageLib } from './lib.ts';
+import { type DhcpNet, GUEST_IP, GUEST_SERVER, boot, buildInitramfsTools, buildRootImage, dhcpNet, fsckClean, readImageFile, setup, stageLib, tail } from './lib.ts';
 import { assertBooted, restartOnWriterStart } from './assertions.ts';
 
 const work = tmpDir('nbd-boot-itools-');
 let initrd = '';
+let lib = '';
 
 before(() => {
   setup();
-  const lib = stageLib(path.join(work, 'lib'));
+  lib = stageLib(path.join(work, 'lib'));
   initrd = path.join(work, 'initrd.img');
-  buildInitramfsTools(initrd, { withNbdAttach: true, lib });
+  // 9p: the running system of the first boot mounts the host's root (BootOptions.hostShare).
+  buildInitramfsTools(initrd, { withNbdAttach: true, lib, extraModules: ['9p', '9pnet_virtio'] });
 }, { timeout: 900_000 });
 
 after(async () => {
@@ -27,7 +31,7 @@ after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-test('initramfs-tools: root=nbd:SERVER:PORT from nbd-attach serve; server killed and restarted while the root is written', { timeout: 600_000 }, async () => {
+test('initramfs-tools: root=nbd:SERVER:PORT from nbd-attach serve; the running system sees it in status and re-attaches it; server killed and restarted while the root is written', { timeout: 600_000 }, async () => {
   const dir = tmpDir('nbd-boot-img-');
   try {
     const image = buildRootImage(dir);
@@ -35,14 +39,32 @@ test('initramfs-tools: root=nbd:SERVER:PORT from nbd-attach serve; server killed
     const events: string[] = [];
     const r = await boot({
       initrd,
-      append: `${GUEST_IP} root=nbd:${GUEST_SERVER}:10809 rw bt.marker=itools-ours bt.writer=25`,
+      append: `${GUEST_IP} root=nbd:${GUEST_SERVER}:10809 rw bt.marker=itools-ours bt.writer=25 bt.lib=${lib} bt.node=${realpathSync(process.execPath)}`,
       serverPort: server.port,
-      timeoutMs: 420_000,
+      hostShare: true,
+      timeoutMs: 480_000,
       onLine: restartOnWriterStart(server, events),
     });
     await server.stop();
     assert.deepEqual(events, ['killed', 'restarted'], `server restart: ${events.join(', ')}`);
     assertBooted(r, image, 'itools-ours');
+    // The running system: status names the initramfs's supervisor; --reattach refuses while it runs;
+    // stopped (SIGTERM), it leaves the busy root attached and writable; --reattach adopts the root
+    // with a new '@'-marked supervisor, which then carries it through the server restart above.
+    const why = `\n${r.lines.join('\n')}`;
+    const before = r.values.get('supervisor-before') ?? '';
+    const after = r.values.get('supervisor-after') ?? '';
+    assert.match(before, /^\d+$/, `no '@' supervisor before the re-attach${why}`);
+    assert.ok(r.lines.some((l) => l.startsWith('status-before ') && l.includes(`_attached,`) && l.includes(`supervisor_pid_${before},`)), `status before${why}`);
+    assert.notEqual(r.values.get('reattach-supervised-rc'), '0', `--reattach of a supervised device must refuse${why}`);
+    assert.ok(r.lines.some((l) => l.startsWith('reattach-supervised-rc=') && l.includes('already_supervised')), why);
+    assert.ok(!r.lines.includes('supervisor-did-not-exit'), `SIGTERM did not end the supervisor${why}`);
+    assert.ok(r.values.has('root-written-unsupervised'), `the root was not writable without a supervisor${why}`);
+    assert.equal(r.values.get('reattach-rc'), '0', `--reattach failed${why}`);
+    assert.match(after, /^\d+$/, `no '@' supervisor after the re-attach${why}`);
+    assert.notEqual(after, before, why);
+    assert.ok(r.lines.some((l) => l.startsWith('status-after ') && l.includes(`supervisor_pid_${after},`)), `status after${why}`);
+    assert.equal(r.values.get('pid'), after, `the supervisor at the end is not the adopting one${why}`);
     assert.equal(readImageFile(image.file, '/marker').trim(), 'itools-ours');
     const fsck = fsckClean(image.file);
     assert.ok(fsck.clean, `e2fsck -fn after poweroff:\n${fsck.output}`);
@@ -71,6 +93,41 @@ test("initramfs-tools: nbd-client's nbdroot=SERVER,PORT with root=/dev/nbd0p1 (a
     const fsck = fsckClean(`${image.file}?offset=1048576`);
     assert.ok(fsck.clean, `e2fsck -fn after poweroff:\n${fsck.output}`);
   } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("initramfs-tools: nbdroot=dhcp with ip=dhcp: server and port from DHCP's root-path (udhcpd and nbdkit in a network namespace)", { timeout: 600_000 }, async () => {
+  const dir = tmpDir('nbd-boot-img-');
+  let net: DhcpNet | undefined;
+  try {
+    const image = buildRootImage(dir);
+    // nbd-client's root-path form SERVER,PORT; the command line names no server at all.
+    net = await dhcpNet(dir, '10.77.0.1,10809');
+    net.spawnInside('nbdkit', ['-f', '-i', net.address, '-p', '10809', 'file', image.file]);
+    const r = await boot({
+      initrd,
+      append: 'ip=:::::eth0:dhcp net.ifnames=0 nbdroot=dhcp root=/dev/nbd0 rw bt.marker=itools-dhcp',
+      serverPort: 0,
+      tap: net,
+      timeoutMs: 420_000,
+    });
+    net.close();
+    net = undefined;
+    const why = `\n--- console (tail) ---\n${tail(r.console, 80)}`;
+    assert.equal(r.timedOut, false, `the VM did not power off in time${why}`);
+    assert.ok(r.lines.includes('done'), `init did not finish${why}`);
+    assert.equal(r.values.get('dev'), '/dev/nbd0', `root not on NBD${why}`);
+    assert.equal(r.values.get('data-sha256'), image.dataSha256, `data read back differs${why}`);
+    assert.equal(readImageFile(image.file, '/marker').trim(), 'itools-dhcp');
+    assert.match(r.lines.find((l) => l.startsWith('supervisor ')) ?? '', /argv0=@nbd-attach_\/dev\/nbd0 /, `no '@' supervisor after switch_root${why}`);
+    // What `nbd-attach boot` attached: the server DHCP named.
+    assert.equal(r.lines.find((l) => l.startsWith('state-server ')), 'state-server 10.77.0.1:10809', `the attach did not use DHCP's server${why}`);
+    assert.equal(r.values.get('io-errors'), '0', why);
+    const fsck = fsckClean(image.file);
+    assert.ok(fsck.clean, `e2fsck -fn after poweroff:\n${fsck.output}`);
+  } finally {
+    net?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 });

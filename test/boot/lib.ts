@@ -56,7 +56,10 @@ export interface RootImage {
 export function buildRootImage(dir: string, opts: { sizeMiB?: number; partitioned?: boolean } = {}): RootImage {
   const tree = path.join(dir, 'tree');
   rmSync(tree, { recursive: true, force: true });
-  for (const d of ['bin', 'sbin', 'proc', 'sys', 'dev', 'run', 'tmp', 'mnt', 'etc', 'root']) mkdirSync(path.join(tree, d), { recursive: true });
+  for (const d of ['bin', 'sbin', 'proc', 'sys', 'dev', 'run', 'tmp', 'mnt', 'etc', 'root', 'usr']) mkdirSync(path.join(tree, d), { recursive: true });
+  // Merged /usr, for a host /usr mounted over it (bt.lib: the running system runs nbd-attach).
+  symlinkSync('usr/lib', path.join(tree, 'lib'));
+  symlinkSync('usr/lib64', path.join(tree, 'lib64'));
   cpSync('/bin/busybox', path.join(tree, 'bin/busybox'));
   for (const applet of must('/bin/busybox', ['--list']).split('\n').filter((a) => a && a !== 'busybox')) {
     symlinkSync('busybox', path.join(tree, 'bin', applet));
@@ -101,13 +104,13 @@ export function readImageFile(image: string, file: string): string {
  * nbd-client's own hook, from the nbd-client package, is what attaches). The kernel's modules
  * are bound at /lib/modules/VERSION inside a private mount namespace: the host is not changed.
  */
-export function buildInitramfsTools(out: string, opts: { withNbdAttach: boolean; lib?: string }): void {
+export function buildInitramfsTools(out: string, opts: { withNbdAttach: boolean; lib?: string; extraModules?: readonly string[] }): void {
   const kver = kernelVersion();
   const conf = tmpDir('nbd-boot-conf-');
   try {
     for (const d of ['hooks', 'scripts/local-top', 'conf.d']) mkdirSync(path.join(conf, d), { recursive: true });
     writeFileSync(path.join(conf, 'initramfs.conf'), 'MODULES=netboot\nBUSYBOX=y\nCOMPRESS=zstd\nCOMPRESSLEVEL=1\nRUNSIZE=10%\nFSTYPE=ext4\n');
-    writeFileSync(path.join(conf, 'modules'), 'ext4\n');
+    writeFileSync(path.join(conf, 'modules'), ['ext4', ...(opts.extraModules ?? [])].join('\n') + '\n');
     if (opts.withNbdAttach) {
       cpSync(path.join(REPO, 'packaging/initramfs-tools/hooks/nbd-attach'), path.join(conf, 'hooks/nbd-attach'));
       cpSync(path.join(REPO, 'packaging/initramfs-tools/scripts/local-top/nbd-attach'), path.join(conf, 'scripts/local-top/nbd-attach'));
@@ -177,6 +180,10 @@ export interface BootOptions {
   serverPort: number;
   timeoutMs: number;
   memMiB?: number;
+  /** Instead of qemu's user-mode network: the tap device of a DhcpNet (qemu runs in its namespace). */
+  tap?: DhcpNet;
+  /** Share the host's root read-only over 9p (mount tag `host`; the initramfs needs 9p and 9pnet_virtio). */
+  hostShare?: boolean;
   /** Called for each `BT:` line as it arrives (the test drives the server from here). */
   onLine?: (line: string) => void;
 }
@@ -189,16 +196,20 @@ export const GUEST_IP = 'ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off net.ifna
 export function boot(o: BootOptions): Promise<BootResult> {
   const relay = `cmd:${process.execPath} ${path.join(REPO, 'test/boot/relay.mjs')} ${o.serverPort}`;
   const bios = existsSync('/usr/share/qemu/qboot.rom') ? ['-bios', '/usr/share/qemu/qboot.rom'] : [];
+  const netdev = o.tap ? `tap,id=n0,ifname=${o.tap.ifname},script=no,downscript=no` : `user,id=n0,restrict=on,guestfwd=tcp:${GUEST_SERVER}:10809-${relay}`;
   const args = [
     '-nographic', '-no-reboot', '-m', String(o.memMiB ?? 1024), '-smp', '2', '-cpu', 'max', ...bios,
     '-kernel', kernelImage(), '-initrd', o.initrd,
     '-append', `console=ttyS0 panic=-1 loglevel=4 ${o.append}`,
-    '-netdev', `user,id=n0,restrict=on,guestfwd=tcp:${GUEST_SERVER}:10809-${relay}`,
+    '-netdev', netdev,
     '-device', 'virtio-net-pci,netdev=n0',
+    ...(o.hostShare ? ['-virtfs', 'local,path=/,mount_tag=host,security_model=none,multidevs=remap,readonly=on'] : []),
   ];
   const start = Date.now();
   return new Promise((resolve) => {
-    const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const qemu = o.tap
+      ? spawn('ip', ['netns', 'exec', o.tap.netns, 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let pending = '';
     const lines: string[] = [];
@@ -246,3 +257,61 @@ export function tail(text: string, n = 60): string {
 
 export const tmp = (p: string): string => tmpDir(p);
 export const cpus = os.cpus().length;
+
+/**
+ * A network of its own for a boot that takes its root from DHCP: a network namespace holding a tap
+ * device (the VM's NIC, qemu runs inside the namespace), busybox udhcpd handing out leases with
+ * the DHCP root-path option (17), and whatever servers the test starts there. Nothing in it
+ * reaches the host's networks.
+ */
+export interface DhcpNet {
+  netns: string;
+  ifname: string;
+  /** The host side's address in the namespace (the DHCP server, the router, the NBD server). */
+  address: string;
+  /** Runs a command inside the namespace; stopped by close(). */
+  spawnInside(cmd: string, args: readonly string[]): void;
+  close(): void;
+}
+
+export async function dhcpNet(dir: string, rootPath: string): Promise<DhcpNet> {
+  const netns = `nbdboot${process.pid}`;
+  const ifname = 'nbdtap0';
+  const address = '10.77.0.1';
+  const children: ReturnType<typeof spawn>[] = [];
+  const close = (): void => {
+    for (const c of children) c.kill('SIGKILL');
+    spawnSync('ip', ['netns', 'del', netns]);
+  };
+  try {
+    must('ip', ['netns', 'add', netns]);
+    must('ip', ['-n', netns, 'link', 'set', 'lo', 'up']);
+    must('ip', ['-n', netns, 'tuntap', 'add', 'dev', ifname, 'mode', 'tap']);
+    must('ip', ['-n', netns, 'addr', 'add', `${address}/24`, 'dev', ifname]);
+    must('ip', ['-n', netns, 'link', 'set', ifname, 'up']);
+    const conf = path.join(dir, 'udhcpd.conf');
+    writeFileSync(path.join(dir, 'udhcpd.leases'), '');
+    // Option 17 (root path) as raw bytes: udhcpd splits a named option's value at commas, and
+    // nbd-client's root-path form is "SERVER,PORT".
+    const rootPathHex = Buffer.from(rootPath, 'utf8').toString('hex');
+    writeFileSync(conf, [
+      'start 10.77.0.15', 'end 10.77.0.20', `interface ${ifname}`, `lease_file ${path.join(dir, 'udhcpd.leases')}`,
+      `pidfile ${path.join(dir, 'udhcpd.pid')}`, 'opt subnet 255.255.255.0', `opt router ${address}`, `opt 17 ${rootPathHex}`, '',
+    ].join('\n'));
+    const net: DhcpNet = {
+      netns, ifname, address, close,
+      spawnInside(cmd, args) {
+        const c = spawn('ip', ['netns', 'exec', netns, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        c.stderr!.on('data', (b: Buffer) => void (err = (err + b.toString()).slice(-2000)));
+        c.on('exit', (code, sig) => { if (code !== 0 && sig !== 'SIGKILL') process.stderr.write(`# ${cmd} in ${netns} exited ${code ?? sig}: ${err}\n`); });
+        children.push(c);
+      },
+    };
+    net.spawnInside('/bin/busybox', ['udhcpd', '-f', conf]);
+    return net;
+  } catch (e) {
+    close();
+    throw e;
+  }
+}
