@@ -81,7 +81,7 @@ export function normalizeArgv(args: readonly string[], commandNames: readonly st
 
 /**
  * The program with every command, or with `only` the named one: a command that runs needs none of
- * the others' options, and declaring them all costs ~0.1 s under emulation (docs/decisions.md
+ * the others' options, and declaring them all is work at every start (docs/decisions.md
  * "Start-up: output without stdio streams").
  */
 export function buildProgram(only?: string): Command {

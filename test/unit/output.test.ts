@@ -29,3 +29,31 @@ test('a reader that closes the pipe ends the output: exit 0, no EPIPE error', as
   assert.equal(code, 0, err);
   assert.match(err, /done\n$/);
 });
+
+test('a non-blocking stdout that fills (EAGAIN) is waited on, not an error: everything arrives', async () => {
+  // Touching process.stdout makes a pipe's fd 1 non-blocking (libuv); the child reports the flag so
+  // the test knows the EAGAIN path was taken, and the reader starts only after the pipe is full.
+  const c = spawn(process.execPath, child(`
+    import { readFileSync } from 'node:fs';
+    process.stdout;
+    const flags = /flags:\\s+(\\d+)/.exec(readFileSync('/proc/self/fdinfo/1', 'utf8'))[1];
+    writeErr(flags + '\\n');
+    writeOut('y'.repeat(4 << 20));
+    writeOut('end');`), { stdio: ['ignore', 'pipe', 'pipe'] });
+  c.stdout.pause();
+  let err = '';
+  c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+  await new Promise((r) => setTimeout(r, 1000));
+  let out = 0;
+  let tail = '';
+  c.stdout.on('data', (b: Buffer) => {
+    out += b.length;
+    tail = (tail + b.toString('latin1')).slice(-3);
+  });
+  c.stdout.resume();
+  const code = await new Promise((r) => c.on('close', r));
+  assert.equal(code, 0, err);
+  assert.ok((parseInt(err.trim(), 8) & 0o4000) !== 0, `fd 1 was not non-blocking: flags ${err}`);
+  assert.equal(out, (4 << 20) + 3);
+  assert.equal(tail, 'end');
+});
