@@ -30,6 +30,26 @@ try {
 
 const isOutput = (name) => name.endsWith('.mjs') || name.endsWith('.mjs.map');
 
+/**
+ * commander requires node:child_process (and with it node:net and the stream stack) when it loads,
+ * for the one thing nbd-attach never does: running a subcommand as a separate executable. The
+ * bundled copy requires it when it spawns. The build fails if commander's code no longer matches.
+ */
+const COMMANDER_CHILD_PROCESS = "const childProcess = require('node:child_process');";
+const lazyChildProcess = {
+  name: 'commander-lazy-child-process',
+  setup(b) {
+    b.onLoad({ filter: /[\\/]commander[\\/]lib[\\/]command\.js$/ }, async (args) => {
+      const src = await fs.promises.readFile(args.path, 'utf8');
+      if (!src.includes(COMMANDER_CHILD_PROCESS) || /childProcess\.(?!spawn\()/.test(src)) {
+        throw new Error(`${args.path}: commander no longer requires node:child_process as scripts/build.mjs expects; update lazyChildProcess`);
+      }
+      const lazy = "const childProcess = { spawn: (...a) => require('node:child_process').spawn(...a) };";
+      return { contents: src.replace(COMMANDER_CHILD_PROCESS, lazy), loader: 'js' };
+    });
+  },
+};
+
 export async function build({ outdir = DIST } = {}) {
   fs.mkdirSync(outdir, { recursive: true });
   // Beside outdir, at the same depth: the source maps' relative paths (../src/…) stay right after the move.
@@ -46,9 +66,15 @@ export async function build({ outdir = DIST } = {}) {
       platform: 'node',
       format: 'esm',
       target: 'node20',
-      packages: 'external',
+      // commander (plain JavaScript) is bundled: loading it from node_modules runs Node's CommonJS
+      // loader and export lexer for ten files on every command. koffi (native) and debug (loaded
+      // only with DEBUG set) stay external, resolved from node_modules at run time.
+      external: ['koffi', 'debug'],
+      // commander is CommonJS: its require() of Node's built-in modules needs a real require in ESM.
+      banner: { js: "import { createRequire as __nbdCreateRequire } from 'node:module'; const require = __nbdCreateRequire(import.meta.url);" },
       sourcemap: 'linked',
       legalComments: 'none',
+      plugins: [lazyChildProcess],
       logLevel: 'warning',
     });
     // Each file replaced by rename (a process starting meanwhile reads an old or a new file, never

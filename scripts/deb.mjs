@@ -4,7 +4,7 @@
 //
 //   /usr/sbin/nbd-attach             a sh launcher: /usr/bin/node /usr/lib/nbd-attach/nbd-attach.mjs
 //   /usr/lib/nbd-attach/             dist/ (+ source maps) and node_modules/ with the runtime
-//                                    dependencies of package-lock.json (commander, debug, ms, koffi
+//                                    dependencies of package-lock.json (debug, ms, koffi
 //                                    and its native module for this architecture only)
 //   /usr/share/man/man8/nbd-attach.8.gz, /usr/share/man/man5/nbdtab.5.gz   (packaging/man/)
 //   /usr/share/doc/nbd-attach/copyright

@@ -5,6 +5,7 @@ import { Command, CommanderError } from 'commander';
 import { ExitCode, NbdError, exitCodeOf } from './errors.ts';
 import { oneLine as printable } from './text.ts';
 import { VERSION } from './version.ts';
+import { writeErr, writeOut } from './output.ts';
 import * as listCommand from './commands/list.ts';
 import * as infoCommand from './commands/info.ts';
 import * as serveCommand from './commands/serve.ts';
@@ -16,8 +17,21 @@ import * as statusCommand from './commands/status.ts';
 import * as bootArgsCommand from './commands/boot-args.ts';
 import * as bootCommand from './commands/boot.ts';
 
-/** Command modules, each `register(program)`. Order is the order of `--help`. */
-const COMMANDS: { register(program: Command): void }[] = [attachCommand, detachCommand, checkCommand, statusCommand, listCommand, infoCommand, serveCommand, mknodCommand, bootArgsCommand, bootCommand];
+/** Command modules, each `register(program)`, with the names (and aliases) it registers. Order is the order of `--help`. */
+const COMMANDS: { names: readonly string[]; module: { register(program: Command): void } }[] = [
+  { names: ['attach'], module: attachCommand },
+  { names: ['detach', 'disconnect'], module: detachCommand },
+  { names: ['check'], module: checkCommand },
+  { names: ['status'], module: statusCommand },
+  { names: ['list', 'ls'], module: listCommand },
+  { names: ['info'], module: infoCommand },
+  { names: ['serve'], module: serveCommand },
+  { names: ['mknod'], module: mknodCommand },
+  { names: ['boot-args'], module: bootArgsCommand },
+  { names: ['boot'], module: bootCommand },
+];
+/** Every command name and alias (test/unit/address.test.ts checks it against what buildProgram registers). */
+export const COMMAND_NAMES: readonly string[] = COMMANDS.flatMap((c) => c.names);
 
 /** Top-level nbd-client switches that select a command, with the command they select. */
 const COMPAT_COMMANDS: Record<string, string> = {
@@ -65,13 +79,18 @@ export function normalizeArgv(args: readonly string[], commandNames: readonly st
   return commandNames.includes('attach') ? ['attach', ...out] : out;
 }
 
-export function buildProgram(): Command {
+/**
+ * The program with every command, or with `only` the named one: a command that runs needs none of
+ * the others' options, and declaring them all is work at every start (docs/decisions.md
+ * "Start-up: output without stdio streams").
+ */
+export function buildProgram(only?: string): Command {
   const program = new Command('nbd-attach')
     .description('Attach a Network Block Device export to a Linux /dev/nbdN, and keep it attached.')
     .version(VERSION, '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
-    .configureOutput({ outputError: (str, write) => write(oneLine(str)) });
-  for (const c of COMMANDS) c.register(program);
+    .configureOutput({ writeOut, writeErr, outputError: (str, write) => write(oneLine(str)) });
+  for (const c of COMMANDS) if (only === undefined || c.names.includes(only)) c.module.register(program);
   return program;
 }
 
@@ -84,18 +103,18 @@ export function reportError(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : ExitCode.USAGE;
   const message = err instanceof NbdError ? err.message : err instanceof Error ? err.message : String(err);
   // One line whatever it quotes (a server's text, a name): controls made visible (src/text.ts).
-  process.stderr.write(`nbd-attach: ${printable(message)}\n`);
-  if (process.env.DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  writeErr(`nbd-attach: ${printable(message)}\n`);
+  if (process.env.DEBUG && err instanceof Error && err.stack) writeErr(`${err.stack}\n`);
   return exitCodeOf(err);
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  const program = buildProgram();
+  const args = normalizeArgv(argv, COMMAND_NAMES);
+  const program = buildProgram(args[0] !== undefined && COMMAND_NAMES.includes(args[0]) ? args[0] : undefined);
   program.exitOverride();
   for (const c of program.commands) c.exitOverride();
-  const names = program.commands.flatMap((c) => [c.name(), ...c.aliases()]);
   try {
-    await program.parseAsync(normalizeArgv(argv, names), { from: 'user' });
+    await program.parseAsync(args, { from: 'user' });
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
     return reportError(err);

@@ -22,7 +22,7 @@ NBD_ATTACH_TLS_DIR=/etc/nbd-attach/initramfs-tls
 NBD_ATTACH_TLS_FROM="${NBD_ATTACH_TLS_FROM:-$NBD_ATTACH_TLS_DIR}"
 
 # nbd_attach_boot_files: every file under $NBD_ATTACH_LIB the initramfs needs, relative to it, one
-# per line: the .mjs modules (no source maps), commander, debug + ms, and koffi's loader with the
+# per line: the .mjs modules (no source maps; commander is bundled in them), debug + ms, and koffi's loader with the
 # one native module this Node.js can load (@koromix/koffi-linux-*: koffi's src/koffi/index.js finds
 # the package from its own path, and the package's index.js picks linux_ARCH for glibc, musl_ARCH
 # for musl by reading node's ELF interpreter): no C++ sources, no module for the other libc.
@@ -32,7 +32,7 @@ nbd_attach_boot_files() {
     other_libc=musl_
     grep -q 'ld-musl' "$NBD_ATTACH_NODE" 2> /dev/null && other_libc=linux_
     find . -maxdepth 1 -name '*.mjs' | sed 's|^\./||'
-    find node_modules/commander node_modules/debug node_modules/ms -type f \
+    find node_modules/debug node_modules/ms -type f \
       ! -name '*.md' ! -name '*.d.ts' ! -name '*.d.mts' ! -name '*.map'
     find node_modules/koffi/package.json node_modules/koffi/index.js node_modules/koffi/index.cjs -type f
     find node_modules/koffi/src -type f \( -name '*.js' -o -name '*.cjs' -o -name '*.mjs' -o -name '*.json' \)
@@ -55,7 +55,7 @@ nbd_attach_boot_wrapper() {
 
 # nbd_attach_boot_check: fail with one line when something the initramfs needs is missing.
 nbd_attach_boot_check() {
-  for f in nbd-attach.mjs node_modules/commander/package.json node_modules/koffi/package.json; do
+  for f in nbd-attach.mjs node_modules/koffi/package.json; do
     [ -e "$NBD_ATTACH_LIB/$f" ] || { echo "nbd-attach: $NBD_ATTACH_LIB/$f is missing: reinstall nbd-attach (or set NBD_ATTACH_LIB to a directory laid out as /usr/lib/nbd-attach)" >&2; return 1; }
   done
   [ -x "$NBD_ATTACH_NODE" ] || { echo "nbd-attach: no Node.js binary at $NBD_ATTACH_NODE: install nodejs (>= 20) or set NBD_ATTACH_NODE" >&2; return 1; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lay out /usr/lib/nbd-attach as the Debian package installs it, from this checkout, into DEST:
 #   DEST/nbd-attach.mjs, DEST/doit-worker.mjs, DEST/chunk-*.mjs  the built modules (npm run build)
-#   DEST/node_modules/{commander,debug,ms,koffi,@koromix/koffi-linux-x64}  run-time packages
+#   DEST/node_modules/{debug,ms,koffi,@koromix/koffi-linux-x64}  run-time packages (commander is in the modules)
 #   DEST/boot-files.sh  what the initramfs hooks copy (packaging/boot/files.sh)
 # The boot tests point the hooks at DEST with NBD_ATTACH_LIB=DEST.
 #
@@ -30,7 +30,7 @@ else
     fs.rmSync(out + '/.entry.ts');
   " "$DEST")
 fi
-for p in commander debug ms koffi @koromix; do
+for p in debug ms koffi @koromix; do
   [ -e "$ROOT/node_modules/$p" ] || { echo "stage-lib: node_modules/$p is missing: run npm ci" >&2; exit 1; }
   mkdir -p "$DEST/node_modules/$(dirname "$p")"
   cp -pR "$ROOT/node_modules/$p" "$DEST/node_modules/$p"

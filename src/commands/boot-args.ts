@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import { planAsShell, planBoot } from '../boot/cmdline.ts';
+import { writeOut } from '../output.ts';
 
 export function register(program: Command): void {
   program
@@ -21,6 +22,6 @@ export function register(program: Command): void {
         dhcp: { rootPath: opts.rootPath || undefined, rootServer: opts.rootServer || undefined },
         tlsDirPresent: opts.tlsDirPresent === true,
       });
-      if (plan) process.stdout.write(planAsShell(plan));
+      if (plan) writeOut(planAsShell(plan));
     });
 }

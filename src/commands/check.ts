@@ -3,6 +3,7 @@
 
 import type { Command } from 'commander';
 import { ExitCode } from '../errors.ts';
+import { writeErr, writeOut } from '../output.ts';
 
 export function register(program: Command): void {
   program
@@ -13,10 +14,10 @@ export function register(program: Command): void {
       const { check } = await import('../kernel/check.ts');
       const r = check(device);
       if (r.pid !== undefined) {
-        process.stdout.write(`${r.pid}\n`);
+        writeOut(`${r.pid}\n`);
         process.exitCode = ExitCode.OK;
       } else {
-        process.stderr.write(`nbd-attach: ${r.device} is not attached\n`);
+        writeErr(`nbd-attach: ${r.device} is not attached\n`);
         process.exitCode = ExitCode.FAILURE;
       }
     });

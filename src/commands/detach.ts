@@ -3,6 +3,7 @@
 
 import type { Command } from 'commander';
 import { clearDetachRequested, markDetachRequested, pidAlive, readState } from '../supervisor/state.ts';
+import { writeErr, writeOut } from '../output.ts';
 
 /** How long `detach` waits for the device's supervisor to finish (flush a local image, exit). */
 const SUPERVISOR_EXIT_WAIT_MS = 15_000;
@@ -18,7 +19,7 @@ async function waitForSupervisor(index: number, device: string): Promise<boolean
   const deadline = Date.now() + SUPERVISOR_EXIT_WAIT_MS;
   while (pidAlive(s.pid)) {
     if (Date.now() >= deadline) {
-      process.stderr.write(`nbd-attach: note: ${device} is detached, but its supervisor (pid ${s.pid}) has not exited yet; see ${s.logFile ?? 'its log'}\n`);
+      writeErr(`nbd-attach: note: ${device} is detached, but its supervisor (pid ${s.pid}) has not exited yet; see ${s.logFile ?? 'its log'}\n`);
       return false;
     }
     await new Promise((r) => setTimeout(r, 50));
@@ -42,15 +43,15 @@ export function register(program: Command): void {
           force: opts.force === true,
           useIoctl: opts.ioctl === true,
           beforeDisconnect: markDetachRequested,
-          notice: (m) => process.stderr.write(`nbd-attach: note: ${m}\n`),
+          notice: (m) => writeErr(`nbd-attach: note: ${m}\n`),
         });
         if (r.wasAttached) {
           // The detach marker is for an ioctl-mode supervisor, which takes it as it exits; once no
           // supervisor runs it has no reader left, so it goes (a netlink supervisor never reads it).
           if (await waitForSupervisor(r.index, r.device)) clearDetachRequested(r.index);
-          process.stdout.write(`${r.device} detached\n`);
+          writeOut(`${r.device} detached\n`);
         }
-        else process.stderr.write(`nbd-attach: ${r.device} was not attached\n`);
+        else writeErr(`nbd-attach: ${r.device} was not attached\n`);
       }
     });
 }

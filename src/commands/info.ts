@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
 import { display, jsonText } from '../text.ts';
+import { writeErr, writeOut } from '../output.ts';
 
 export function register(program: Command): void {
   addServerOptions(program.command('info'))
@@ -18,10 +19,10 @@ export function register(program: Command): void {
       const info = r.info!;
       if (opts.json) {
         const out = { server: describeEndpoint(target.endpoint), handshake: r.style, via: r.via, tls: target.tls !== false, ...(r.note ? { note: r.note } : {}), ...exportJson(info) };
-        process.stdout.write(`${jsonText(out)}\n`);
+        writeOut(`${jsonText(out)}\n`);
         return;
       }
-      if (r.note) process.stderr.write(`nbd-attach: note: ${r.note}\n`);
+      if (r.note) writeErr(`nbd-attach: note: ${r.note}\n`);
       // Names and descriptions are the server's to choose: one line each, escapes visible (src/text.ts).
       const lines = [
         `export:      ${info.name === '' ? '(default)' : display(info.name)}${info.canonicalName !== undefined ? ` (server calls it '${display(info.canonicalName)}')` : ''}`,
@@ -31,6 +32,6 @@ export function register(program: Command): void {
       if (info.blockSize) lines.push(`block size:  minimum ${info.blockSize.min}, preferred ${info.blockSize.preferred}, maximum ${info.blockSize.max}`);
       if (info.description) lines.push(`description: ${display(info.description)}`);
       lines.push(`server:      ${describeEndpoint(target.endpoint)} (${r.style}, ${r.via}${target.tls !== false ? ', TLS' : ''})`);
-      process.stdout.write(`${lines.join('\n')}\n`);
+      writeOut(`${lines.join('\n')}\n`);
     });
 }

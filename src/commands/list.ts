@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { describeEndpoint } from '../address.ts';
 import { type ServerOptions, addServerOptions, exportJson, formatFlags, formatSize, resolveTarget } from './common.ts';
 import { display, jsonString, jsonText, oneLine } from '../text.ts';
+import { writeErr, writeOut } from '../output.ts';
 
 export function register(program: Command): void {
   addServerOptions(program.command('list').alias('ls'), { name: false })
@@ -31,12 +32,12 @@ export function register(program: Command): void {
             ...(e.infoError ? { error: e.infoError } : {}),
           })),
         };
-        process.stdout.write(`${jsonText(out)}\n`);
+        writeOut(`${jsonText(out)}\n`);
         return;
       }
-      if (r.note) process.stderr.write(`nbd-attach: note: ${r.note}\n`);
+      if (r.note) writeErr(`nbd-attach: note: ${r.note}\n`);
       if (exports.length === 0) {
-        process.stdout.write(`${describeEndpoint(target.endpoint)} lists no exports\n`);
+        writeOut(`${describeEndpoint(target.endpoint)} lists no exports\n`);
         return;
       }
       // One line per export, whatever the server put in its names and descriptions (src/text.ts).
@@ -50,7 +51,7 @@ export function register(program: Command): void {
         if (e.infoError) parts.push(`(${oneLine(e.infoError)})`);
         const description = e.description || e.info?.description;
         if (description) parts.push(`- ${display(description)}`);
-        process.stdout.write(`${parts.join('\t')}\n`);
+        writeOut(`${parts.join('\t')}\n`);
       }
     });
 }

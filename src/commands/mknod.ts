@@ -2,6 +2,7 @@
 // without udev, with the minors the loaded module's max_part implies. Idempotent.
 
 import { InvalidArgumentError, Option, type Command } from 'commander';
+import { writeOut } from '../output.ts';
 
 export function register(program: Command): void {
   program
@@ -18,6 +19,6 @@ export function register(program: Command): void {
     .action(async (opts: { count?: number; prefix: 'nbd' | 'nd'; dir: string }) => {
       const { mknodAll } = await import('../kernel/mknod.ts');
       const r = mknodAll({ ...(opts.count !== undefined ? { count: opts.count } : {}), prefix: opts.prefix, dir: opts.dir });
-      process.stdout.write(`created ${r.created.length} node(s), ${r.existing.length} already present (max_part=${r.maxPart})\n`);
+      writeOut(`created ${r.created.length} node(s), ${r.existing.length} already present (max_part=${r.maxPart})\n`);
     });
 }

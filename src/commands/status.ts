@@ -7,6 +7,7 @@ import { type Roots, DEFAULT_ROOTS, deviceState, listDevices, moduleInfo, resolv
 import { type SupervisorState, readState, supervisorAlive } from '../supervisor/state.ts';
 import { formatSize } from './common.ts';
 import { display, jsonText, oneLine } from '../text.ts';
+import { writeOut } from '../output.ts';
 
 export interface DeviceStatusEntry {
   device: string;
@@ -104,10 +105,10 @@ export function register(program: Command): void {
         entries = moduleInfo().loaded ? listDevices().map((i) => statusOf(i, `/dev/nbd${i}`)) : [];
       }
       if (opts.json) {
-        process.stdout.write(`${statusJson(entries)}\n`);
+        writeOut(`${statusJson(entries)}\n`);
         return;
       }
-      if (entries.length === 0) process.stdout.write('no nbd devices (the nbd module is not loaded)\n');
-      for (const e of entries) process.stdout.write(`${formatStatus(e)}\n`);
+      if (entries.length === 0) writeOut('no nbd devices (the nbd module is not loaded)\n');
+      for (const e of entries) writeOut(`${formatStatus(e)}\n`);
     });
 }

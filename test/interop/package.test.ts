@@ -71,11 +71,13 @@ function loadedBy(args: string[], t: { after(fn: () => void): void }, env: NodeJ
       builtins: process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13)),
       cjs: Object.keys(require.cache) })));\n`,
   );
-  // stdout to a file: a pipe would load node:net for process.stdout itself.
+  // stdout to a file (--help asks process.stdout whether it is a terminal: a pipe would load node:net
+  // for that stream); stderr a pipe, so a command that writes its errors through process.stderr
+  // shows node:net (src/output.ts writes to the descriptors instead).
   const out = path.join(dir, 'stdout');
   const fd = fs.openSync(out, 'w');
   try {
-    run(process.execPath, ['--require', probe, CLI, ...args], { stdio: ['ignore', fd, 'ignore'], timeout: 30_000, env: { ...process.env, ...env } });
+    run(process.execPath, ['--require', probe, CLI, ...args], { stdio: ['ignore', fd, 'pipe'], timeout: 30_000, env: { ...process.env, ...env } });
   } finally {
     fs.closeSync(fd);
   }
@@ -120,11 +122,15 @@ test('the built CLI runs from dist/, writes nothing there, and loads only what t
 
   const v = loadedBy(['--version'], t);
   assert.equal(v.stdout, `${PKG.version}\n`);
-  assert.deepEqual([...v.packages], [], '--version loads no package (not even commander)');
+  assert.deepEqual([...v.packages], [], '--version loads no package');
+  for (const b of ['net', 'tty', 'child_process']) assert.ok(!v.builtins.has(b), `--version loads node:${b}`);
   for (const args of [['--help'], ['check', 'nbd4095'], ['detach', 'nbd4095']]) {
     const l = loadedBy(args, t);
-    assert.ok(l.packages.has('commander'), 'the probe sees packages');
-    const heavy = ['tls', '_tls_wrap', 'worker_threads', 'tty', ...(args[0] === 'detach' ? [] : ['crypto'])];
+    // commander is bundled into dist/ (scripts/build.mjs), with node:child_process loaded only to spawn.
+    assert.ok(!l.packages.has('commander'), `${args.join(' ')} loads commander from node_modules`);
+    const heavy = ['tls', '_tls_wrap', 'worker_threads', 'tty', 'child_process', ...(args[0] === 'detach' ? [] : ['crypto'])];
+    // check and detach print with src/output.ts: no stdio stream, no node:net (stderr is a pipe here).
+    if (args[0] !== '--help') heavy.push('net');
     for (const b of heavy) assert.ok(!l.builtins.has(b), `${args.join(' ')} loads node:${b}`);
     // debug (and ms, node:tty) only with DEBUG set (src/debug.ts); koffi only for a syscall.
     for (const p of ['koffi', 'debug', 'ms']) assert.ok(!l.packages.has(p), `${args.join(' ')} loads ${p}`);
@@ -135,7 +141,7 @@ test('the built CLI runs from dist/, writes nothing there, and loads only what t
   assert.ok(!list.packages.has('debug') && !list.builtins.has('tty'), 'list without DEBUG loads no debug');
   assert.ok(!list.builtins.has('tls'), 'a plain list does not load node:tls');
   const debugList = loadedBy(['list', '127.0.0.1:1', '--connect-timeout', '1'], t, { DEBUG: 'nbd:*' });
-  assert.ok(debugList.packages.has('debug'), 'list with DEBUG=nbd:* loads debug');
+  assert.ok(debugList.packages.has('debug'), 'list with DEBUG=nbd:* loads debug (the probe sees packages)');
   const listTls = loadedBy(['list', '-x', '--no-tls-verify', '127.0.0.1:1', '--connect-timeout', '1'], t);
   assert.ok(listTls.builtins.has('tls'), 'list -x loads node:tls');
 });
@@ -193,7 +199,8 @@ test('npm run deb: a Debian package with the launcher, the app, man pages; it in
   for (const f of ['/usr/sbin/nbd-attach', '/usr/lib/nbd-attach/nbd-attach.mjs', '/usr/lib/nbd-attach/doit-worker.mjs', '/usr/share/man/man8/nbd-attach.8.gz', '/usr/share/man/man5/nbdtab.5.gz', '/usr/share/doc/nbd-attach/copyright']) {
     assert.ok(contents.includes(f), `the package has ${f}`);
   }
-  for (const p of ['commander', 'debug', 'ms', 'koffi']) assert.ok(contents.includes(`/usr/lib/nbd-attach/node_modules/${p}/package.json`), `the package has ${p}`);
+  for (const p of ['debug', 'ms', 'koffi']) assert.ok(contents.includes(`/usr/lib/nbd-attach/node_modules/${p}/package.json`), `the package has ${p}`);
+  assert.ok(!contents.some((f) => f.includes('/node_modules/commander/')), 'commander is bundled into the modules, not shipped as a package');
   const natives = contents.filter((f) => f.endsWith('.node'));
   assert.ok(natives.length >= 1, 'koffi has its native module');
   assert.deepEqual(natives.filter((f) => !f.includes(`/linux_${ARCH}/`)), [], `only linux_${ARCH} native modules`);

@@ -116,3 +116,12 @@ test("nbd-client's attach options, short and single-dash long, reach attach with
     [30, true, true, true, true, '/ca', '/c', '/k', 'name', true, true],
   );
 });
+
+test('COMMAND_NAMES is what the program registers; a named command is built alone', async () => {
+  const { buildProgram, COMMAND_NAMES } = await import('../../src/cli.ts');
+  const all = buildProgram().commands.flatMap((c) => [c.name(), ...c.aliases()]);
+  assert.deepEqual([...all].sort(), [...COMMAND_NAMES].sort());
+  assert.deepEqual(buildProgram('check').commands.map((c) => c.name()), ['check']);
+  assert.deepEqual(buildProgram('disconnect').commands.map((c) => c.name()), ['detach']);
+  assert.deepEqual(buildProgram('ls').commands.map((c) => c.name()), ['list']);
+});
